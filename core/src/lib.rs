@@ -1,0 +1,19 @@
+//! Isthmus's shared crate: plumbing every binary uses (drain, signals,
+//! readiness, admin/metrics/readiness servers, telemetry, config, backoff)
+//! and the identity layer (SPIFFE IDs, CA hierarchy, trust bundles,
+//! verifiers, rotation). No business logic of the controller, gateway or
+//! sidecar lives here.
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod drain;
+pub mod identity;
+pub mod metrics;
+pub mod readiness;
+pub mod signal;
+pub mod telemetry;
+pub mod tls;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -1,0 +1,78 @@
+//! rustls configurations for Isthmus: TLS 1.3 only, the aws-lc-rs provider,
+//! SPIFFE verification in both directions.
+
+use std::sync::{Arc, Once};
+
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::server::ResolvesServerCert;
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::identity::TrustStore;
+use crate::identity::verify::{Expect, SpiffeClientVerifier, SpiffeServerVerifier};
+
+static INSTALL: Once = Once::new();
+
+/// Installs aws-lc-rs as the process-wide rustls provider. Call first thing
+/// in `main` and in test setup; later calls do nothing.
+pub fn install_crypto_provider() {
+    INSTALL.call_once(|| {
+        // Another component may have installed the same provider first.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// The provider every Isthmus TLS config uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    install_crypto_provider();
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}
+
+/// A TLS 1.3 server config. With `clients = Some(expect)`, client
+/// certificates are mandatory and checked with [`SpiffeClientVerifier`].
+pub fn server_config(
+    certs: Arc<dyn ResolvesServerCert>,
+    store: Arc<TrustStore>,
+    clients: Option<Expect>,
+    alpn: &[&[u8]],
+) -> ServerConfig {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3");
+    let builder = match clients {
+        Some(expect) => builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(
+            store, expect, &provider,
+        ))),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(certs);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+/// A TLS 1.3 client config that accepts only servers matching `expect`
+/// and presents `certs` when asked.
+pub fn client_config(
+    certs: Option<Arc<dyn ResolvesClientCert>>,
+    store: Arc<TrustStore>,
+    expect: Expect,
+    alpn: &[&[u8]],
+) -> ClientConfig {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            store, expect, &provider,
+        )));
+    let mut cfg = match certs {
+        Some(c) => builder.with_client_cert_resolver(c),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}

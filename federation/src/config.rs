@@ -1,0 +1,117 @@
+//! `kind: Controller` configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use isthmus_core::config::{
+    AdminSection, ClusterName, ClusterSection, FieldError, FromConfig, Reader, check_kind,
+};
+use isthmus_core::identity::TrustDomain;
+
+/// Default federation listener (peer controllers, mTLS).
+pub const DEFAULT_FEDERATION_ADDR: &str = "0.0.0.0:15012";
+/// Default local listener (sidecars and gateway: config stream, CA).
+pub const DEFAULT_LOCAL_ADDR: &str = "0.0.0.0:15010";
+/// Default dashboard listener.
+pub const DEFAULT_DASHBOARD_ADDR: &str = "0.0.0.0:15080";
+/// How long a peer's catalogue is kept (marked stale) after its control
+/// plane becomes unreachable, before it is withdrawn.
+pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
+
+/// A linked peer cluster (written by `isthmus link apply`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerConfig {
+    pub name: ClusterName,
+    pub address: String,
+    pub trust_domain: TrustDomain,
+}
+
+/// The controller's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControllerConfig {
+    pub cluster: ClusterSection,
+    /// Directory of the cluster CA (`isthmus ca cluster` output).
+    pub ca_dir: PathBuf,
+    /// Directory of Kubernetes YAML the files source watches.
+    pub source_dir: PathBuf,
+    pub federation_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub dashboard_addr: SocketAddr,
+    /// Where peers reach this cluster's gateway (host:port).
+    pub gateway_address: String,
+    pub stale_lease: Duration,
+    pub peers: Vec<PeerConfig>,
+    pub admin: AdminSection,
+}
+
+impl FromConfig for ControllerConfig {
+    fn read(r: &Reader<'_>) -> Option<Self> {
+        check_kind(r, "Controller");
+        let cluster = ClusterSection::read(&r.object("cluster"));
+        let ca_dir = r.required("caDir");
+        let source_dir = r.required("sourceDir");
+        let listen = r.object("listen");
+        let federation_addr = listen.or("federation", DEFAULT_FEDERATION_ADDR.parse().expect("default"));
+        let local_addr = listen.or("local", DEFAULT_LOCAL_ADDR.parse().expect("default"));
+        let dashboard_addr = listen.or("dashboard", DEFAULT_DASHBOARD_ADDR.parse().expect("default"));
+        listen.finish();
+        let gateway_address = r.required("gatewayAddress");
+        let stale_lease = r.or("staleLease", DEFAULT_STALE_LEASE);
+        let peers: Vec<Option<PeerConfig>> = r
+            .list("peers")
+            .iter()
+            .map(|p| {
+                let (name, address, trust_domain) =
+                    (p.required("name"), p.required("address"), p.required("trustDomain"));
+                p.finish();
+                Some(PeerConfig {
+                    name: name?,
+                    address: address?,
+                    trust_domain: trust_domain?,
+                })
+            })
+            .collect();
+        let admin = AdminSection::read(&r.object("admin"));
+        Some(Self {
+            cluster: cluster?,
+            ca_dir: ca_dir?,
+            source_dir: source_dir?,
+            federation_addr,
+            local_addr,
+            dashboard_addr,
+            gateway_address: gateway_address?,
+            stale_lease,
+            peers: peers.into_iter().collect::<Option<_>>()?,
+            admin: admin?,
+        })
+    }
+
+    fn validate(&self, errors: &mut Vec<FieldError>) {
+        self.admin.validate(errors);
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.name == self.cluster.name {
+                errors.push(FieldError {
+                    path: format!("peers[{i}].name"),
+                    message: format!("peer {} has this cluster's own name", p.name),
+                    fix: "cluster names must be unique across the mesh; remove this peer".into(),
+                });
+            }
+            if !names.insert(&p.name) {
+                errors.push(FieldError {
+                    path: format!("peers[{i}].name"),
+                    message: format!("peer {} is listed twice", p.name),
+                    fix: "keep one entry per peer".into(),
+                });
+            }
+        }
+        if self.stale_lease < Duration::from_secs(1) {
+            errors.push(FieldError {
+                path: "staleLease".into(),
+                message: "a lease under 1s withdraws services on the first missed heartbeat".into(),
+                fix: "use at least 1s (default 5m)".into(),
+            });
+        }
+    }
+}

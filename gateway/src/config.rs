@@ -1,0 +1,70 @@
+//! `kind: Gateway` configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use isthmus_core::config::{AdminSection, ClusterSection, FieldError, FromConfig, Reader, check_kind};
+
+/// Default TCP listener for local sidecars (TLS passthrough by SNI).
+pub const DEFAULT_SIDECAR_ADDR: &str = "0.0.0.0:15443";
+/// Default UDP listener for peer gateways (QUIC).
+pub const DEFAULT_PEER_ADDR: &str = "0.0.0.0:15443";
+/// Default QUIC idle timeout; keep-alives run at a third of the lowest
+/// idle timeout either side may use (see quinn-rs/quinn#1670).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The gateway's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GatewayConfig {
+    pub cluster: ClusterSection,
+    /// The local controller's config and CA endpoint (host:port, 15010).
+    pub controller: String,
+    pub sidecar_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub idle_timeout: Duration,
+    /// QUIC connections kept to each peer gateway.
+    pub connections_per_peer: u32,
+    pub admin: AdminSection,
+}
+
+impl FromConfig for GatewayConfig {
+    fn read(r: &Reader<'_>) -> Option<Self> {
+        check_kind(r, "Gateway");
+        let cluster = ClusterSection::read(&r.object("cluster"));
+        let controller = r.required("controller");
+        let listen = r.object("listen");
+        let sidecar_addr = listen.or("sidecars", DEFAULT_SIDECAR_ADDR.parse().expect("default"));
+        let peer_addr = listen.or("peers", DEFAULT_PEER_ADDR.parse().expect("default"));
+        listen.finish();
+        let idle_timeout = r.or("idleTimeout", DEFAULT_IDLE_TIMEOUT);
+        let connections_per_peer = r.or("connectionsPerPeer", 2u32);
+        let admin = AdminSection::read(&r.object("admin"));
+        Some(Self {
+            cluster: cluster?,
+            controller: controller?,
+            sidecar_addr,
+            peer_addr,
+            idle_timeout,
+            connections_per_peer,
+            admin: admin?,
+        })
+    }
+
+    fn validate(&self, errors: &mut Vec<FieldError>) {
+        self.admin.validate(errors);
+        if self.idle_timeout < Duration::from_secs(3) {
+            errors.push(FieldError {
+                path: "idleTimeout".into(),
+                message: format!("{:?} is too short to carry keep-alives", self.idle_timeout),
+                fix: "use at least 3s (default 30s)".into(),
+            });
+        }
+        if !(1..=64).contains(&self.connections_per_peer) {
+            errors.push(FieldError {
+                path: "connectionsPerPeer".into(),
+                message: format!("{} is out of range", self.connections_per_peer),
+                fix: "use 1 to 64 (default 2; one QUIC connection is driven by one task)".into(),
+            });
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Command-line interface.
+
+use clap::{Parser, Subcommand};
+use isthmus_core::telemetry::LogFormat;
+
+mod ca;
+mod config;
+
+/// Isthmus: one service mesh across several Kubernetes clusters.
+#[derive(Debug, Parser)]
+#[command(name = "isthmus", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `info,isthmus_gateway=debug`.
+    #[arg(long, global = true, env = "ISTHMUS_LOG")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and manage the PKI: a root per trust domain, an intermediate
+    /// per cluster, leaf certificates from CSRs.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// Check configuration files.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+}
+
+/// Runs one command.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Ca(c) => ca::run(c),
+        Command::Config(c) => config::run(c),
+    }
+}
