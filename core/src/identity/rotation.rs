@@ -78,9 +78,12 @@ pub fn certified_key(
     Ok(CertifiedKey::new(chain.chain.clone(), signing))
 }
 
+/// When a certificate was obtained and when it expires. The lifetime that
+/// matters for renewal starts at issuance, not at the backdated
+/// `notBefore` (see [`super::ca::CLOCK_SKEW_ALLOWANCE`]).
 #[derive(Debug, Clone, Copy)]
 struct Validity {
-    not_before: OffsetDateTime,
+    issued_at: OffsetDateTime,
     not_after: OffsetDateTime,
 }
 
@@ -186,8 +189,8 @@ impl RotatingCert {
 }
 
 fn refresh_delay(v: Validity, now: OffsetDateTime, fraction: f64) -> Duration {
-    let life = (v.not_after - v.not_before).max(time::Duration::ZERO);
-    let at = v.not_before + life * fraction;
+    let life = (v.not_after - v.issued_at).max(time::Duration::ZERO);
+    let at = v.issued_at + life * fraction;
     let wait = at - now;
     if wait.is_negative() {
         Duration::ZERO
@@ -202,6 +205,7 @@ async fn fetch(
     ttl: Duration,
     provider: &CryptoProvider,
 ) -> Result<(CertifiedKey, Validity), SignError> {
+    let issued_at = OffsetDateTime::now_utc();
     let req = KeyAndCsr::generate(id)?;
     let issued = signer.sign(req.csr.clone(), id.clone(), ttl).await?;
     if &issued.id != id {
@@ -214,7 +218,7 @@ async fn fetch(
     Ok((
         key,
         Validity {
-            not_before: issued.not_before,
+            issued_at: issued_at.min(issued.not_after),
             not_after: issued.not_after,
         },
     ))
@@ -268,7 +272,7 @@ mod tests {
     fn refresh_is_at_the_fraction_of_lifetime() {
         let nb = OffsetDateTime::now_utc();
         let v = Validity {
-            not_before: nb,
+            issued_at: nb,
             not_after: nb + time::Duration::hours(24),
         };
         let d = refresh_delay(v, nb, 0.5);

@@ -238,12 +238,35 @@ impl TrustStore {
     }
 }
 
+/// Carries a [`VerifyError`] inside a rustls error. rustls prints the
+/// inner error with `Debug`, so `Debug` here is the operator's message.
+struct Reason(VerifyError);
+
+impl std::fmt::Debug for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Reason {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 impl From<VerifyError> for rustls::Error {
     fn from(e: VerifyError) -> Self {
         let ce = match e {
+            // Standard variants send the standard alerts to the peer.
             VerifyError::Expired { .. } => CertificateError::Expired,
             VerifyError::NotYetValid { .. } => CertificateError::NotValidYet,
-            other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+            other => CertificateError::Other(rustls::OtherError(Arc::new(Reason(other)))),
         };
         rustls::Error::InvalidCertificate(ce)
     }
