@@ -70,6 +70,7 @@ pub async fn tls_echo_server(
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -104,6 +105,7 @@ pub async fn tls_echo_server(
 pub async fn tls_roundtrip(cfg: Arc<rustls::ClientConfig>, addr: std::net::SocketAddr, msg: &[u8]) -> Result<Vec<u8>, String> {
     let connector = tokio_rustls::TlsConnector::from(cfg);
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
     let name = rustls_pki_types::ServerName::try_from("isthmus.invalid").expect("static name");
     let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
     tls.write_all(msg).await.map_err(|e| e.to_string())?;

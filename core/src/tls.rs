@@ -50,6 +50,12 @@ pub fn server_config(
     };
     let mut cfg = builder.with_cert_resolver(certs);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No resumption: a resumed TLS 1.3 session skips certificate
+    // verification and keeps the identity of the first handshake, so a
+    // peer whose trust domain was removed, or whose certificate expired,
+    // would still get in, and rotated certificates would never be shown.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     cfg
 }
 
@@ -74,5 +80,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // See server_config: every handshake verifies the peer in full.
+    cfg.resumption = rustls::client::Resumption::disabled();
     cfg
 }
