@@ -72,9 +72,12 @@ fn render_invalid(path: &Path, errors: &[FieldError]) -> String {
 pub trait FromConfig: Sized {
     /// Reads every field, recording problems in `r`. Returns `None` only
     /// when a required part is missing; problems are in the reader.
+    /// Nested sections are read with [`Reader::section`]; the caller of
+    /// `read` reports unknown keys.
     fn read(r: &Reader<'_>) -> Option<Self>;
 
-    /// Rules across fields, run on a fully read value.
+    /// Rules across fields, run on a fully read value. Paths are relative
+    /// to this section.
     fn validate(&self, _errors: &mut Vec<FieldError>) {}
 }
 
@@ -229,6 +232,23 @@ impl<'a> Reader<'a> {
             errors: self.errors.clone(),
             seen: RefCell::default(),
         }
+    }
+
+    /// A nested section: reads it, reports its unknown keys, and runs its
+    /// own cross-field rules (paths prefixed with this section's), so they
+    /// report even when other parts of the file are broken.
+    pub fn section<T: FromConfig>(&self, key: &str) -> Option<T> {
+        let sub = self.object(key);
+        let value = T::read(&sub);
+        sub.finish();
+        if let Some(v) = &value {
+            let mut errors = Vec::new();
+            v.validate(&mut errors);
+            for e in errors {
+                self.push(format!("{}.{}", sub.path, e.path), e.message, e.fix);
+            }
+        }
+        value
     }
 
     /// Whether `key` is present.
@@ -475,7 +495,6 @@ impl FromConfig for Locality {
             zone: r.or("zone", String::new()),
             subzone: r.or("subzone", String::new()),
         };
-        r.finish();
         Some(l)
     }
 }
@@ -492,8 +511,7 @@ impl FromConfig for ClusterSection {
     fn read(r: &Reader<'_>) -> Option<Self> {
         let name = r.required("name");
         let trust_domain = r.required("trustDomain");
-        let locality = Locality::read(&r.object("locality"));
-        r.finish();
+        let locality = r.section::<Locality>("locality");
         Some(Self {
             name: name?,
             trust_domain: trust_domain?,
@@ -522,14 +540,13 @@ impl FromConfig for AdminSection {
             metrics: r.or("metrics", DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             readiness: r.or("readiness", DEFAULT_READINESS_ADDR.parse().expect("valid default")),
         };
-        r.finish();
         Some(s)
     }
 
     fn validate(&self, errors: &mut Vec<FieldError>) {
         if !self.admin.ip().is_loopback() {
             errors.push(FieldError {
-                path: "admin.admin".into(),
+                path: "admin".into(),
                 message: format!("{} is not a loopback address; the admin API can stop the process and dump its state", self.admin),
                 fix: "bind it to 127.0.0.1 (and use kubectl port-forward to reach it)".into(),
             });
@@ -538,7 +555,7 @@ impl FromConfig for AdminSection {
         for (name, addr) in [("admin", self.admin), ("metrics", self.metrics), ("readiness", self.readiness)] {
             if addr.port() != 0 && !seen.insert(addr.port()) {
                 errors.push(FieldError {
-                    path: format!("admin.{name}"),
+                    path: name.to_owned(),
                     message: format!("port {} is used twice", addr.port()),
                     fix: "give each listener its own port".into(),
                 });

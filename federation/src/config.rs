@@ -48,7 +48,7 @@ pub struct ControllerConfig {
 impl FromConfig for ControllerConfig {
     fn read(r: &Reader<'_>) -> Option<Self> {
         check_kind(r, "Controller");
-        let cluster = ClusterSection::read(&r.object("cluster"));
+        let cluster = r.section::<ClusterSection>("cluster");
         let ca_dir = r.required("caDir");
         let source_dir = r.required("sourceDir");
         let listen = r.object("listen");
@@ -72,7 +72,7 @@ impl FromConfig for ControllerConfig {
                 })
             })
             .collect();
-        let admin = AdminSection::read(&r.object("admin"));
+        let admin = r.section::<AdminSection>("admin");
         Some(Self {
             cluster: cluster?,
             ca_dir: ca_dir?,
@@ -88,7 +88,6 @@ impl FromConfig for ControllerConfig {
     }
 
     fn validate(&self, errors: &mut Vec<FieldError>) {
-        self.admin.validate(errors);
         let mut names = std::collections::BTreeSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.name == self.cluster.name {

@@ -30,7 +30,7 @@ pub struct GatewayConfig {
 impl FromConfig for GatewayConfig {
     fn read(r: &Reader<'_>) -> Option<Self> {
         check_kind(r, "Gateway");
-        let cluster = ClusterSection::read(&r.object("cluster"));
+        let cluster = r.section::<ClusterSection>("cluster");
         let controller = r.required("controller");
         let listen = r.object("listen");
         let sidecar_addr = listen.or("sidecars", DEFAULT_SIDECAR_ADDR.parse().expect("default"));
@@ -38,7 +38,7 @@ impl FromConfig for GatewayConfig {
         listen.finish();
         let idle_timeout = r.or("idleTimeout", DEFAULT_IDLE_TIMEOUT);
         let connections_per_peer = r.or("connectionsPerPeer", 2u32);
-        let admin = AdminSection::read(&r.object("admin"));
+        let admin = r.section::<AdminSection>("admin");
         Some(Self {
             cluster: cluster?,
             controller: controller?,
@@ -51,7 +51,6 @@ impl FromConfig for GatewayConfig {
     }
 
     fn validate(&self, errors: &mut Vec<FieldError>) {
-        self.admin.validate(errors);
         if self.idle_timeout < Duration::from_secs(3) {
             errors.push(FieldError {
                 path: "idleTimeout".into(),

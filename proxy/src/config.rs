@@ -34,7 +34,7 @@ pub struct ProxyConfig {
 impl FromConfig for ProxyConfig {
     fn read(r: &Reader<'_>) -> Option<Self> {
         check_kind(r, "Proxy");
-        let cluster = ClusterSection::read(&r.object("cluster"));
+        let cluster = r.section::<ClusterSection>("cluster");
         let w = r.object("workload");
         // Read every field before combining, so all missing ones report.
         let (name, namespace, service_account, app) = (
@@ -55,7 +55,7 @@ impl FromConfig for ProxyConfig {
         let outbound_addr = listen.or("outbound", DEFAULT_OUTBOUND_ADDR.parse().expect("default"));
         let inbound_addr = listen.or("inbound", DEFAULT_INBOUND_ADDR.parse().expect("default"));
         listen.finish();
-        let admin = AdminSection::read(&r.object("admin"));
+        let admin = r.section::<AdminSection>("admin");
         Some(Self {
             cluster: cluster?,
             workload: workload?,
@@ -67,7 +67,6 @@ impl FromConfig for ProxyConfig {
     }
 
     fn validate(&self, errors: &mut Vec<FieldError>) {
-        self.admin.validate(errors);
         if self.outbound_addr == self.inbound_addr {
             errors.push(FieldError {
                 path: "listen.inbound".into(),

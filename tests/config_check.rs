@@ -1,0 +1,101 @@
+//! `isthmus config check` reports every bad field at once, with its path
+//! and fix, and accepts a good file.
+
+use std::process::Command;
+
+fn check(yaml: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(["config", "check", "--show"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn reports_every_problem_with_its_path() {
+    let (ok, _, err) = check(
+        r#"
+kind: Controller
+cluster:
+  name: East_1
+  trustDomain: east.isthmus.local
+  locality: { region: us-east1, zon: a }
+caDir: /etc/isthmus/ca
+listen:
+  federation: "0.0.0.0:99999"
+gatewayAddress: 127.0.1.1:15443
+staleLease: forever
+peers:
+  - name: west
+    address: 127.0.2.1:15012
+  - name: west
+    address: 127.0.2.1:15012
+    trustDomain: west.isthmus.local
+admin:
+  admin: 0.0.0.0:15000
+"#,
+    );
+    assert!(!ok);
+    for expected in [
+        "cluster.name: cluster name \"East_1\" is invalid",
+        "cluster.locality.zon: unknown field (fix: did you mean `zone`?)",
+        "sourceDir: missing",
+        "listen.federation: \"0.0.0.0:99999\" is not an address",
+        "staleLease: \"forever\" is not a duration",
+        "peers[0].trustDomain: missing",
+        "admin.admin: 0.0.0.0:15000 is not a loopback address",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(err.contains("problems found"), "{err}");
+}
+
+#[test]
+fn cross_field_rules_run_on_a_readable_file() {
+    let (ok, _, err) = check(
+        r#"
+kind: Controller
+cluster: { name: east, trustDomain: east.local }
+caDir: ca
+sourceDir: manifests
+gatewayAddress: 127.0.1.1:15443
+peers:
+  - { name: east, address: "127.0.2.1:15012", trustDomain: west.local }
+admin: { metrics: "0.0.0.0:15021" }
+"#,
+    );
+    assert!(!ok);
+    assert!(err.contains("peers[0].name: peer east has this cluster's own name"), "{err}");
+    assert!(err.contains("port 15021 is used twice"), "{err}");
+}
+
+#[test]
+fn a_valid_file_passes_with_defaults_filled_in() {
+    let (ok, out, err) = check(
+        r#"
+kind: Gateway
+cluster: { name: east, trustDomain: east.isthmus.local, locality: { region: us-east1, zone: us-east1-a } }
+controller: 127.0.1.1:15010
+"#,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("valid"), "{out}");
+    assert!(out.contains("\"sidecar_addr\": \"0.0.0.0:15443\""), "{out}");
+    assert!(out.contains("\"idle_timeout\""), "{out}");
+}
+
+#[test]
+fn malformed_yaml_names_the_line() {
+    let (ok, _, err) = check("kind: Proxy\ncluster: [unclosed\n");
+    assert!(!ok);
+    assert!(err.contains("not valid YAML"), "{err}");
+    assert!(err.contains("line") || err.contains(":2:"), "{err}");
+}
