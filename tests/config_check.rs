@@ -73,7 +73,10 @@ admin: { metrics: "0.0.0.0:15021" }
 "#,
     );
     assert!(!ok);
-    assert!(err.contains("peers[0].name: peer east has this cluster's own name"), "{err}");
+    assert!(
+        err.contains("peers[0].name: peer east has this cluster's own name"),
+        "{err}"
+    );
     assert!(err.contains("port 15021 is used twice"), "{err}");
 }
 

@@ -33,7 +33,9 @@ pub trait ConfigDump: Send + Sync {
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot bind the {name} server to {addr}: {source}; is another process using the port? (choose another with the config file)")]
+#[error(
+    "cannot bind the {name} server to {addr}: {source}; is another process using the port? (choose another with the config file)"
+)]
 pub struct BindError {
     pub name: &'static str,
     pub addr: SocketAddr,
@@ -52,10 +54,15 @@ pub struct BoundServer {
 
 impl BoundServer {
     /// Binds `addr` for `router`.
-    pub async fn bind(name: &'static str, addr: SocketAddr, router: Router) -> Result<Self, BindError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| BindError { name, addr, source })?;
+    pub async fn bind(
+        name: &'static str,
+        addr: SocketAddr,
+        router: Router,
+    ) -> Result<Self, BindError> {
+        let listener =
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { name, addr, source })?;
         Ok(Self {
             name,
             listener,
@@ -64,7 +71,9 @@ impl BoundServer {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serves until the drain starts, then finishes open requests.
@@ -106,7 +115,10 @@ pub fn readiness_router(ready: Ready) -> Router {
 pub fn metrics_router(registry: Arc<Registry>) -> Router {
     async fn scrape(State(registry): State<Arc<Registry>>) -> Response {
         (
-            [(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)],
+            [(
+                header::CONTENT_TYPE,
+                crate::metrics::OPENMETRICS_CONTENT_TYPE,
+            )],
             crate::metrics::encode(&registry),
         )
             .into_response()
@@ -131,7 +143,14 @@ impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState")
             .field("component", &self.component)
-            .field("sections", &self.sections.iter().map(|s| s.name().to_owned()).collect::<Vec<_>>())
+            .field(
+                "sections",
+                &self
+                    .sections
+                    .iter()
+                    .map(|s| s.name().to_owned())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -45,7 +45,10 @@ mod tests {
         assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
         assert!(d[1] >= Duration::from_millis(100) && d[1] <= Duration::from_millis(200));
         for x in &d[4..] {
-            assert!(*x >= Duration::from_millis(500) && *x <= Duration::from_secs(1), "{x:?}");
+            assert!(
+                *x >= Duration::from_millis(500) && *x <= Duration::from_secs(1),
+                "{x:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -124,7 +124,14 @@ pub fn check_kind(r: &Reader<'_>, expected: &str) {
     if let Some(kind) = r.required::<String>("kind")
         && kind != expected
     {
-        r.error("kind", format!("{kind:?} where {expected:?} was expected"), format!("write `kind: {expected}`, or use this file with the `{}` command", kind.to_lowercase()));
+        r.error(
+            "kind",
+            format!("{kind:?} where {expected:?} was expected"),
+            format!(
+                "write `kind: {expected}`, or use this file with the `{}` command",
+                kind.to_lowercase()
+            ),
+        );
     }
 }
 
@@ -152,7 +159,11 @@ impl<'a> Reader<'a> {
             seen: RefCell::default(),
         };
         if r.value.is_none() {
-            r.push("(root)".into(), "the document is not a mapping", "write `key: value` pairs at the top level");
+            r.push(
+                "(root)".into(),
+                "the document is not a mapping",
+                "write `key: value` pairs at the top level",
+            );
         }
         r
     }
@@ -221,7 +232,11 @@ impl<'a> Reader<'a> {
         let value = match v {
             Some(Value::Object(m)) => Some(m),
             Some(_) => {
-                self.error(key, "expected a mapping", format!("write `{key}:` followed by indented fields"));
+                self.error(
+                    key,
+                    "expected a mapping",
+                    format!("write `{key}:` followed by indented fields"),
+                );
                 None
             }
             None => None,
@@ -267,7 +282,11 @@ impl<'a> Reader<'a> {
                     let path = format!("{}[{i}]", self.child_path(key));
                     let value = item.as_object();
                     if value.is_none() {
-                        self.push(path.clone(), "expected a mapping", "write `- key: value` items");
+                        self.push(
+                            path.clone(),
+                            "expected a mapping",
+                            "write `- key: value` items",
+                        );
                     }
                     Reader {
                         path,
@@ -278,7 +297,11 @@ impl<'a> Reader<'a> {
                 })
                 .collect(),
             Some(_) => {
-                self.error(key, "expected a list", format!("write `{key}:` followed by `- ` items"));
+                self.error(
+                    key,
+                    "expected a list",
+                    format!("write `{key}:` followed by `- ` items"),
+                );
                 Vec::new()
             }
         }
@@ -292,7 +315,10 @@ impl<'a> Reader<'a> {
         for key in map.keys().filter(|k| !seen.contains(*k)) {
             let fix = match closest(key, seen.iter()) {
                 Some(s) => format!("did you mean `{s}`?"),
-                None => format!("remove it; known fields: {}", seen.iter().cloned().collect::<Vec<_>>().join(", ")),
+                None => format!(
+                    "remove it; known fields: {}",
+                    seen.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
             };
             self.error(key, "unknown field", fix);
         }
@@ -352,7 +378,10 @@ fn describe(v: &Value) -> String {
 }
 
 fn mismatch<T: FromField>(v: &Value) -> FieldProblem {
-    FieldProblem::new(format!("{} is not {}", describe(v), T::EXPECTED), format!("use {}", T::EXPECTED))
+    FieldProblem::new(
+        format!("{} is not {}", describe(v), T::EXPECTED),
+        format!("use {}", T::EXPECTED),
+    )
 }
 
 fn string_of<T: FromField>(v: &Value) -> Result<&str, FieldProblem> {
@@ -417,7 +446,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
         let (num, tail) = rest.split_at(digits);
         let n: f64 = num.parse().ok()?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let secs = match unit {
             "ms" => n / 1000.0,
@@ -437,7 +468,12 @@ impl FromField for TrustDomain {
     const EXPECTED: &'static str = "a trust domain like east.isthmus.local";
     fn from_field(v: &Value) -> Result<Self, FieldProblem> {
         let s = string_of::<Self>(v)?;
-        TrustDomain::from_str(s).map_err(|e| FieldProblem::new(e.to_string(), "use lowercase letters, digits, '.', '-' and '_' only"))
+        TrustDomain::from_str(s).map_err(|e| {
+            FieldProblem::new(
+                e.to_string(),
+                "use lowercase letters, digits, '.', '-' and '_' only",
+            )
+        })
     }
 }
 
@@ -445,7 +481,8 @@ impl FromField for SpiffeId {
     const EXPECTED: &'static str = "a SPIFFE ID like spiffe://east.isthmus.local/ns/default/sa/app";
     fn from_field(v: &Value) -> Result<Self, FieldProblem> {
         let s = string_of::<Self>(v)?;
-        SpiffeId::from_str(s).map_err(|e| FieldProblem::new(e.to_string(), format!("use {}", Self::EXPECTED)))
+        SpiffeId::from_str(s)
+            .map_err(|e| FieldProblem::new(e.to_string(), format!("use {}", Self::EXPECTED)))
     }
 }
 
@@ -470,7 +507,9 @@ impl FromField for ClusterName {
         let s = string_of::<Self>(v)?;
         validate_cluster_name(s)
             .map(|()| ClusterName(s.to_owned()))
-            .map_err(|e| FieldProblem::new(e.to_string(), "use 1-63 lowercase letters, digits or '-'"))
+            .map_err(|e| {
+                FieldProblem::new(e.to_string(), "use 1-63 lowercase letters, digits or '-'")
+            })
     }
 }
 
@@ -537,8 +576,14 @@ impl FromConfig for AdminSection {
     fn read(r: &Reader<'_>) -> Option<Self> {
         let s = Self {
             admin: r.or("admin", DEFAULT_ADMIN_ADDR.parse().expect("valid default")),
-            metrics: r.or("metrics", DEFAULT_METRICS_ADDR.parse().expect("valid default")),
-            readiness: r.or("readiness", DEFAULT_READINESS_ADDR.parse().expect("valid default")),
+            metrics: r.or(
+                "metrics",
+                DEFAULT_METRICS_ADDR.parse().expect("valid default"),
+            ),
+            readiness: r.or(
+                "readiness",
+                DEFAULT_READINESS_ADDR.parse().expect("valid default"),
+            ),
         };
         Some(s)
     }
@@ -552,7 +597,11 @@ impl FromConfig for AdminSection {
             });
         }
         let mut seen = BTreeSet::new();
-        for (name, addr) in [("admin", self.admin), ("metrics", self.metrics), ("readiness", self.readiness)] {
+        for (name, addr) in [
+            ("admin", self.admin),
+            ("metrics", self.metrics),
+            ("readiness", self.readiness),
+        ] {
             if addr.port() != 0 && !seen.insert(addr.port()) {
                 errors.push(FieldError {
                     path: name.to_owned(),
@@ -581,7 +630,14 @@ mod tests {
 
     #[test]
     fn typo_suggests_the_known_field() {
-        assert_eq!(closest("trustDomian", ["trustDomain".to_string(), "name".into()].iter()).map(String::as_str), Some("trustDomain"));
+        assert_eq!(
+            closest(
+                "trustDomian",
+                ["trustDomain".to_string(), "name".into()].iter()
+            )
+            .map(String::as_str),
+            Some("trustDomain")
+        );
         assert_eq!(closest("zzzzzz", ["name".to_string()].iter()), None);
     }
 }

@@ -50,7 +50,10 @@ impl Ready {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }
 

@@ -41,7 +41,11 @@ pub fn drain_deadline(grace_period_secs: Option<u64>) -> Duration {
 
 /// Drains when `stop` resolves (a signal, `/quitquitquit`, a test). A
 /// second signal during the drain exits the process with status 1.
-pub async fn drain_on(stop: impl Future<Output = String>, trigger: DrainTrigger, deadline: Duration) {
+pub async fn drain_on(
+    stop: impl Future<Output = String>,
+    trigger: DrainTrigger,
+    deadline: Duration,
+) {
     let why = stop.await;
     info!(reason = %why, deadline = ?deadline, "draining: no new connections, waiting for open ones");
     tokio::select! {

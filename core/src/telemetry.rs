@@ -8,8 +8,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 /// Chatty dependencies are quiet unless asked for by name.
-pub const DEFAULT_FILTER: &str =
-    "info,quinn=warn,quinn_proto=warn,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,kube=warn,rustls=warn";
+pub const DEFAULT_FILTER: &str = "info,quinn=warn,quinn_proto=warn,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,kube=warn,rustls=warn";
 
 /// Output format of logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,7 +24,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?}; use \"text\" or \"json\"")),
+            other => Err(format!(
+                "unknown log format {other:?}; use \"text\" or \"json\""
+            )),
         }
     }
 }
@@ -39,14 +40,19 @@ pub struct LogControl {
 
 impl std::fmt::Debug for LogControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogControl").field("current", &self.current()).finish()
+        f.debug_struct("LogControl")
+            .field("current", &self.current())
+            .finish()
     }
 }
 
 impl LogControl {
     /// The filter in force, e.g. `info,quinn=warn`.
     pub fn current(&self) -> String {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Replaces the filter (`RUST_LOG` syntax). A bad filter changes

@@ -17,7 +17,11 @@ use time::OffsetDateTime;
 const DAY: Duration = Duration::from_secs(86400);
 
 /// What the client's verifier says about a server presenting `chain`.
-fn verdict(store: &TrustStore, chain: &[CertificateDer<'static>], expect: &Expect) -> Result<SpiffeId, VerifyError> {
+fn verdict(
+    store: &TrustStore,
+    chain: &[CertificateDer<'static>],
+    expect: &Expect,
+) -> Result<SpiffeId, VerifyError> {
     store.verify_peer(
         &chain[0],
         &chain[1..],
@@ -30,7 +34,11 @@ fn verdict(store: &TrustStore, chain: &[CertificateDer<'static>], expect: &Expec
 
 /// Serves `server_key` and connects a client that trusts `store` and
 /// expects `expect`; returns the client's result.
-async fn handshake(server_key: Arc<CertifiedKey>, store: Arc<TrustStore>, expect: Expect) -> Result<Vec<u8>, String> {
+async fn handshake(
+    server_key: Arc<CertifiedKey>,
+    store: Arc<TrustStore>,
+    expect: Expect,
+) -> Result<Vec<u8>, String> {
     let server_store = Arc::new(TrustStore::new());
     let server_cfg = tls::server_config(
         Arc::new(isthmus_core::identity::rotation::StaticCert(server_key)),
@@ -55,7 +63,12 @@ async fn valid_chain_is_accepted_and_identity_reaches_both_sides() {
     let client_id = SpiffeId::workload(&east.td, "sample", "sleep").unwrap();
     let store = TrustStore::with_bundles([east.bundle()]).unwrap();
 
-    let server_cfg = tls::server_config(leaf(&ca, &server_id, DAY), store.clone(), Some(Expect::AnyTrusted), &[]);
+    let server_cfg = tls::server_config(
+        leaf(&ca, &server_id, DAY),
+        store.clone(),
+        Some(Expect::AnyTrusted),
+        &[],
+    );
     let (addr, mut results) = tls_echo_server(server_cfg).await;
     let client_cfg = tls::client_config(
         Some(leaf(&ca, &client_id, DAY)),
@@ -63,7 +76,12 @@ async fn valid_chain_is_accepted_and_identity_reaches_both_sides() {
         Expect::Exactly(server_id.clone()),
         &[],
     );
-    assert_eq!(tls_roundtrip(Arc::new(client_cfg), addr, b"hello").await.unwrap(), b"hello");
+    assert_eq!(
+        tls_roundtrip(Arc::new(client_cfg), addr, b"hello")
+            .await
+            .unwrap(),
+        b"hello"
+    );
     // The server learned the client's verified identity.
     assert_eq!(results.recv().await.unwrap().unwrap(), Some(client_id));
 }
@@ -79,17 +97,30 @@ async fn chain_from_a_foreign_root_is_refused() {
     let store = TrustStore::with_bundles([east.bundle()]).unwrap();
 
     let chain = key_of(&forged).cert.clone();
-    assert!(matches!(verdict(&store, &chain, &Expect::AnyTrusted), Err(VerifyError::Untrusted { .. })));
-    let err = handshake(key_of(&forged), store, Expect::AnyTrusted).await.unwrap_err();
-    assert!(err.contains("does not chain to a root of trust domain east.local"), "{err}");
+    assert!(matches!(
+        verdict(&store, &chain, &Expect::AnyTrusted),
+        Err(VerifyError::Untrusted { .. })
+    ));
+    let err = handshake(key_of(&forged), store, Expect::AnyTrusted)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("does not chain to a root of trust domain east.local"),
+        "{err}"
+    );
 
     // And an identity of a trust domain the store has never heard of.
     let other = TestDomain::new("other.local");
     let oid = SpiffeId::workload(&other.td, "a", "b").unwrap();
     let store = TrustStore::with_bundles([east.bundle()]).unwrap();
     let cert = leaf(&other.cluster("other"), &oid, DAY);
-    let err = handshake(key_of(&cert), store, Expect::AnyTrusted).await.unwrap_err();
-    assert!(err.contains("no trust bundle for trust domain other.local"), "{err}");
+    let err = handshake(key_of(&cert), store, Expect::AnyTrusted)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("no trust bundle for trust domain other.local"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -100,13 +131,25 @@ async fn root_of_domain_a_cannot_vouch_for_domain_b() {
     let ca_a = a.cluster("east");
     let now = OffsetDateTime::now_utc();
     let (chain, key) = ca_a
-        .forge_leaf(&["spiffe://b.local/ns/prod/sa/payments"], now - time::Duration::minutes(1), now + time::Duration::hours(1))
+        .forge_leaf(
+            &["spiffe://b.local/ns/prod/sa/payments"],
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
         .unwrap();
     let store = TrustStore::with_bundles([a.bundle(), b.bundle()]).unwrap();
     let err = verdict(&store, &chain, &Expect::AnyTrusted).unwrap_err();
-    assert!(matches!(&err, VerifyError::Untrusted { td, .. } if td.as_str() == "b.local"), "{err}");
-    let err = handshake(key_of(&resolver(chain, &key)), store, Expect::AnyTrusted).await.unwrap_err();
-    assert!(err.contains("does not chain to a root of trust domain b.local"), "{err}");
+    assert!(
+        matches!(&err, VerifyError::Untrusted { td, .. } if td.as_str() == "b.local"),
+        "{err}"
+    );
+    let err = handshake(key_of(&resolver(chain, &key)), store, Expect::AnyTrusted)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("does not chain to a root of trust domain b.local"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -117,15 +160,44 @@ async fn expired_and_not_yet_valid_leaves_are_refused() {
     let now = OffsetDateTime::now_utc();
     let uri = ["spiffe://east.local/ns/sample/sa/helloworld"];
 
-    let (chain, key) = ca.forge_leaf(&uri, now - time::Duration::hours(2), now - time::Duration::hours(1)).unwrap();
-    assert!(matches!(verdict(&store, &chain, &Expect::AnyTrusted), Err(VerifyError::Expired { .. })));
-    let err = handshake(key_of(&resolver(chain, &key)), store.clone(), Expect::AnyTrusted).await.unwrap_err();
+    let (chain, key) = ca
+        .forge_leaf(
+            &uri,
+            now - time::Duration::hours(2),
+            now - time::Duration::hours(1),
+        )
+        .unwrap();
+    assert!(matches!(
+        verdict(&store, &chain, &Expect::AnyTrusted),
+        Err(VerifyError::Expired { .. })
+    ));
+    let err = handshake(
+        key_of(&resolver(chain, &key)),
+        store.clone(),
+        Expect::AnyTrusted,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
 
-    let (chain, key) = ca.forge_leaf(&uri, now + time::Duration::hours(1), now + time::Duration::hours(2)).unwrap();
-    assert!(matches!(verdict(&store, &chain, &Expect::AnyTrusted), Err(VerifyError::NotYetValid { .. })));
-    let err = handshake(key_of(&resolver(chain, &key)), store, Expect::AnyTrusted).await.unwrap_err();
-    assert!(err.to_lowercase().contains("not valid yet") || err.contains("NotValidYet"), "{err}");
+    let (chain, key) = ca
+        .forge_leaf(
+            &uri,
+            now + time::Duration::hours(1),
+            now + time::Duration::hours(2),
+        )
+        .unwrap();
+    assert!(matches!(
+        verdict(&store, &chain, &Expect::AnyTrusted),
+        Err(VerifyError::NotYetValid { .. })
+    ));
+    let err = handshake(key_of(&resolver(chain, &key)), store, Expect::AnyTrusted)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_lowercase().contains("not valid yet") || err.contains("NotValidYet"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -134,23 +206,41 @@ async fn malformed_san_sets_are_refused() {
     let ca = east.cluster("east");
     let store = TrustStore::with_bundles([east.bundle()]).unwrap();
     let now = OffsetDateTime::now_utc();
-    let (nb, na) = (now - time::Duration::minutes(1), now + time::Duration::hours(1));
+    let (nb, na) = (
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
 
-    let cases: [(&[&str], fn(&VerifyError) -> bool); 5] = [
+    type Case<'a> = (&'a [&'a str], fn(&VerifyError) -> bool);
+    let cases: [Case; 5] = [
         (
-            &["spiffe://east.local/ns/a/sa/b", "spiffe://east.local/ns/c/sa/d"],
+            &[
+                "spiffe://east.local/ns/a/sa/b",
+                "spiffe://east.local/ns/c/sa/d",
+            ],
             |e| matches!(e, VerifyError::MultipleUriSans(2)),
         ),
-        (&["spiffe://east.local/ns/../sa/b"], |e| matches!(e, VerifyError::InvalidSpiffeId(_))),
-        (&["spiffe://East.Local/ns/a/sa/b"], |e| matches!(e, VerifyError::InvalidSpiffeId(_))),
-        (&["spiffe://east.local/ns/a\0.evil/sa/b"], |e| matches!(e, VerifyError::InvalidSpiffeId(_))),
+        (&["spiffe://east.local/ns/../sa/b"], |e| {
+            matches!(e, VerifyError::InvalidSpiffeId(_))
+        }),
+        (&["spiffe://East.Local/ns/a/sa/b"], |e| {
+            matches!(e, VerifyError::InvalidSpiffeId(_))
+        }),
+        (&["spiffe://east.local/ns/a\0.evil/sa/b"], |e| {
+            matches!(e, VerifyError::InvalidSpiffeId(_))
+        }),
         (&[], |e| matches!(e, VerifyError::NoUriSan)),
     ];
     for (uris, expected) in cases {
         let (chain, key) = ca.forge_leaf(uris, nb, na).unwrap();
         let err = verdict(&store, &chain, &Expect::AnyTrusted).unwrap_err();
         assert!(expected(&err), "{uris:?}: unexpected reason {err}");
-        let wire = handshake(key_of(&resolver(chain, &key)), store.clone(), Expect::AnyTrusted).await;
+        let wire = handshake(
+            key_of(&resolver(chain, &key)),
+            store.clone(),
+            Expect::AnyTrusted,
+        )
+        .await;
         assert!(wire.is_err(), "{uris:?} was accepted on the wire");
     }
 }
@@ -167,22 +257,53 @@ async fn gateway_certificate_is_accepted_only_as_the_cluster_it_names() {
 
     // West's real gateway, dialed as west: accepted.
     let real = leaf(&west_ca, &west_gw, DAY);
-    assert_eq!(handshake(key_of(&real), store.clone(), Expect::Exactly(west_gw.clone())).await.unwrap(), b"ping");
+    assert_eq!(
+        handshake(
+            key_of(&real),
+            store.clone(),
+            Expect::Exactly(west_gw.clone())
+        )
+        .await
+        .unwrap(),
+        b"ping"
+    );
 
     // East's gateway answering where west's was expected: refused.
     let east = leaf(&east_ca, &east_gw, DAY);
-    let err = handshake(key_of(&east), store.clone(), Expect::Exactly(west_gw.clone())).await.unwrap_err();
-    assert!(err.contains("but spiffe://mesh.local/cluster/west/gateway was expected"), "{err}");
+    let err = handshake(
+        key_of(&east),
+        store.clone(),
+        Expect::Exactly(west_gw.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("but spiffe://mesh.local/cluster/west/gateway was expected"),
+        "{err}"
+    );
 
     // East's CA minting a "west gateway" certificate: the chain reaches the
     // shared root, but the issuer is not west's CA. Refused.
     let now = OffsetDateTime::now_utc();
     let (chain, key) = east_ca
-        .forge_leaf(&[&west_gw.to_string()], now - time::Duration::minutes(1), now + time::Duration::hours(1))
+        .forge_leaf(
+            &[&west_gw.to_string()],
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
         .unwrap();
     let err = verdict(&store, &chain, &Expect::Exactly(west_gw.clone())).unwrap_err();
-    assert!(matches!(&err, VerifyError::ClusterBinding { cluster, .. } if cluster == "west"), "{err}");
-    let err = handshake(key_of(&resolver(chain, &key)), store, Expect::Exactly(west_gw)).await.unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::ClusterBinding { cluster, .. } if cluster == "west"),
+        "{err}"
+    );
+    let err = handshake(
+        key_of(&resolver(chain, &key)),
+        store,
+        Expect::Exactly(west_gw),
+    )
+    .await
+    .unwrap_err();
     assert!(err.contains("not issued by that cluster's CA"), "{err}");
 }
 
@@ -193,16 +314,31 @@ async fn server_refuses_clients_outside_its_expectation() {
     let store = TrustStore::with_bundles([east.bundle()]).unwrap();
     let server_id = SpiffeId::gateway(&east.td, "east").unwrap();
     let allowed = SpiffeId::gateway(&east.td, "east").unwrap();
-    let set = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::from([allowed])));
-    let server_cfg = tls::server_config(leaf(&ca, &server_id, DAY), store.clone(), Some(Expect::OneOf(set.clone())), &[]);
+    let set = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::from([
+        allowed,
+    ])));
+    let server_cfg = tls::server_config(
+        leaf(&ca, &server_id, DAY),
+        store.clone(),
+        Some(Expect::OneOf(set.clone())),
+        &[],
+    );
     let (addr, mut results) = tls_echo_server(server_cfg).await;
 
     let stranger = SpiffeId::workload(&east.td, "default", "stranger").unwrap();
-    let client = tls::client_config(Some(leaf(&ca, &stranger, DAY)), store.clone(), Expect::AnyTrusted, &[]);
+    let client = tls::client_config(
+        Some(leaf(&ca, &stranger, DAY)),
+        store.clone(),
+        Expect::AnyTrusted,
+        &[],
+    );
     let client = Arc::new(client);
     assert!(tls_roundtrip(client.clone(), addr, b"x").await.is_err());
     let server_side = results.recv().await.unwrap().unwrap_err();
-    assert!(server_side.contains("spiffe://east.local/ns/default/sa/stranger"), "{server_side}");
+    assert!(
+        server_side.contains("spiffe://east.local/ns/default/sa/stranger"),
+        "{server_side}"
+    );
 
     // Allowed at run time (a peer was linked): the next handshake passes.
     set.write().unwrap().insert(stranger);
@@ -210,5 +346,9 @@ async fn server_refuses_clients_outside_its_expectation() {
 
     // No client certificate at all: refused.
     let anonymous = tls::client_config(None, store, Expect::AnyTrusted, &[]);
-    assert!(tls_roundtrip(Arc::new(anonymous), addr, b"x").await.is_err());
+    assert!(
+        tls_roundtrip(Arc::new(anonymous), addr, b"x")
+            .await
+            .is_err()
+    );
 }

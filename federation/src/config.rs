@@ -52,9 +52,15 @@ impl FromConfig for ControllerConfig {
         let ca_dir = r.required("caDir");
         let source_dir = r.required("sourceDir");
         let listen = r.object("listen");
-        let federation_addr = listen.or("federation", DEFAULT_FEDERATION_ADDR.parse().expect("default"));
+        let federation_addr = listen.or(
+            "federation",
+            DEFAULT_FEDERATION_ADDR.parse().expect("default"),
+        );
         let local_addr = listen.or("local", DEFAULT_LOCAL_ADDR.parse().expect("default"));
-        let dashboard_addr = listen.or("dashboard", DEFAULT_DASHBOARD_ADDR.parse().expect("default"));
+        let dashboard_addr = listen.or(
+            "dashboard",
+            DEFAULT_DASHBOARD_ADDR.parse().expect("default"),
+        );
         listen.finish();
         let gateway_address = r.required("gatewayAddress");
         let stale_lease = r.or("staleLease", DEFAULT_STALE_LEASE);
@@ -62,8 +68,11 @@ impl FromConfig for ControllerConfig {
             .list("peers")
             .iter()
             .map(|p| {
-                let (name, address, trust_domain) =
-                    (p.required("name"), p.required("address"), p.required("trustDomain"));
+                let (name, address, trust_domain) = (
+                    p.required("name"),
+                    p.required("address"),
+                    p.required("trustDomain"),
+                );
                 p.finish();
                 Some(PeerConfig {
                     name: name?,

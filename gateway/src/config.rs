@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus_core::config::{AdminSection, ClusterSection, FieldError, FromConfig, Reader, check_kind};
+use isthmus_core::config::{
+    AdminSection, ClusterSection, FieldError, FromConfig, Reader, check_kind,
+};
 
 /// Default TCP listener for local sidecars (TLS passthrough by SNI).
 pub const DEFAULT_SIDECAR_ADDR: &str = "0.0.0.0:15443";

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use isthmus_core::config::{AdminSection, ClusterSection, FromConfig, FieldError, Reader, check_kind};
+use isthmus_core::config::{
+    AdminSection, ClusterSection, FieldError, FromConfig, Reader, check_kind,
+};
 
 /// Default outbound listener (HTTP forward proxy, h2c, transparent).
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";

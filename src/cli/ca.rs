@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use isthmus_core::config::parse_duration;
-use isthmus_core::identity::ca::{
-    DEFAULT_CLUSTER_CA_TTL, DEFAULT_LEAF_TTL, DEFAULT_ROOT_TTL, KeyAndCsr, write_leaf,
-};
+use isthmus_core::identity::ca::{KeyAndCsr, write_leaf};
 use isthmus_core::identity::trust::fingerprint;
 use isthmus_core::identity::{ClusterCa, RootCa, SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateSigningRequestDer;
@@ -28,7 +26,7 @@ pub enum CaCommand {
         /// Directory to write; an existing key is never overwritten.
         #[arg(long)]
         out: PathBuf,
-        /// Root lifetime.
+        /// Root lifetime (ca::DEFAULT_ROOT_TTL).
         #[arg(long, value_parser = duration, default_value = "87600h")]
         ttl: Duration,
     },
@@ -43,7 +41,8 @@ pub enum CaCommand {
         /// Directory to write.
         #[arg(long)]
         out: PathBuf,
-        /// Intermediate lifetime (capped at the root's expiry).
+        /// Intermediate lifetime, capped at the root's expiry
+        /// (ca::DEFAULT_CLUSTER_CA_TTL).
         #[arg(long, value_parser = duration, default_value = "8760h")]
         ttl: Duration,
     },
@@ -64,7 +63,7 @@ pub enum CaCommand {
         /// key.pem is written and the private key never leaves its owner.
         #[arg(long)]
         csr: Option<PathBuf>,
-        /// Leaf lifetime (at most 168h).
+        /// Leaf lifetime, at most 168h (ca::DEFAULT_LEAF_TTL).
         #[arg(long, value_parser = duration, default_value = "24h")]
         ttl: Duration,
     },
@@ -79,10 +78,12 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
         } => {
             let root = RootCa::generate(&trust_domain, ttl)?;
             root.write(&out)?;
-            println!("root CA for trust domain {trust_domain} written to {}", out.display());
+            println!(
+                "root CA for trust domain {trust_domain} written to {}",
+                out.display()
+            );
             println!("  root-cert.pem  sha256 {}", fingerprint(root.cert()));
             println!("  root-key.pem   (mode 0600; keep it offline)");
-            let _ = (DEFAULT_ROOT_TTL, DEFAULT_CLUSTER_CA_TTL, DEFAULT_LEAF_TTL);
         }
         CaCommand::Cluster { name, ca, out, ttl } => {
             let root = RootCa::load(&ca)?;
@@ -120,7 +121,8 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 fn read_csr(path: &Path) -> anyhow::Result<CertificateSigningRequestDer<'static>> {
-    let text = std::fs::read(path).with_context(|| format!("cannot read CSR {}", path.display()))?;
+    let text =
+        std::fs::read(path).with_context(|| format!("cannot read CSR {}", path.display()))?;
     CertificateSigningRequestDer::from_pem_slice(&text).map_err(|e| {
         anyhow::anyhow!(
             "{}: no PEM CERTIFICATE REQUEST block ({e}); create one with `openssl req -new`",

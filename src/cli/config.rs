@@ -57,6 +57,8 @@ fn check(path: &PathBuf) -> Result<serde_json::Value, ConfigError> {
         Some("Gateway") => json(serde_json::to_value(parse::<GatewayConfig>(path, &text)?)),
         Some("Proxy") => json(serde_json::to_value(parse::<ProxyConfig>(path, &text)?)),
         // Controller, or no/unknown kind: the controller schema reports it.
-        _ => json(serde_json::to_value(parse::<ControllerConfig>(path, &text)?)),
+        _ => json(serde_json::to_value(parse::<ControllerConfig>(
+            path, &text,
+        )?)),
     })
 }

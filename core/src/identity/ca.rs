@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
@@ -44,7 +43,9 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
 /// identity and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("cannot read {path}: {source}; run `isthmus ca init` / `isthmus ca cluster` to create it")]
+    #[error(
+        "cannot read {path}: {source}; run `isthmus ca init` / `isthmus ca cluster` to create it"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -56,7 +57,9 @@ pub enum CaError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} already exists; refusing to overwrite a CA key (choose another --out or remove it)")]
+    #[error(
+        "{path} already exists; refusing to overwrite a CA key (choose another --out or remove it)"
+    )]
     Exists { path: PathBuf },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
@@ -295,7 +298,11 @@ impl RootCa {
         let key_path = dir.join("root-key.pem");
         refuse_overwrite(&key_path)?;
         write_file(&key_path, &self.issuer.key().serialize_pem(), true)?;
-        write_file(&dir.join("root-cert.pem"), &pem::cert_to_pem(&self.cert), false)
+        write_file(
+            &dir.join("root-cert.pem"),
+            &pem::cert_to_pem(&self.cert),
+            false,
+        )
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -552,9 +559,17 @@ pub fn write_leaf(dir: &Path, issued: &IssuedChain, key: Option<&KeyPair>) -> Re
     if let Some(key) = key {
         write_file(&dir.join("key.pem"), &key.serialize_pem(), true)?;
     }
-    write_file(&dir.join("cert.pem"), &pem::cert_to_pem(&issued.chain[0]), false)?;
+    write_file(
+        &dir.join("cert.pem"),
+        &pem::cert_to_pem(&issued.chain[0]),
+        false,
+    )?;
     write_file(&dir.join("cert-chain.pem"), &issued.chain_pem(), false)?;
-    write_file(&dir.join("root-cert.pem"), &pem::cert_to_pem(&issued.root), false)
+    write_file(
+        &dir.join("root-cert.pem"),
+        &pem::cert_to_pem(&issued.root),
+        false,
+    )
 }
 
 #[cfg(test)]
@@ -584,12 +599,16 @@ mod tests {
         let east = root.issue_cluster("east", DEFAULT_CLUSTER_CA_TTL).unwrap();
         let west_gw = SpiffeId::gateway(&td("mesh.local"), "west").unwrap();
         let req = KeyAndCsr::generate(&west_gw).unwrap();
-        let err = east.sign_csr(&req.csr, &west_gw, DEFAULT_LEAF_TTL).unwrap_err();
+        let err = east
+            .sign_csr(&req.csr, &west_gw, DEFAULT_LEAF_TTL)
+            .unwrap_err();
         assert!(matches!(err, CaError::WrongCluster { .. }), "{err}");
 
         let other_td = SpiffeId::workload(&td("other.local"), "a", "b").unwrap();
         let req = KeyAndCsr::generate(&other_td).unwrap();
-        let err = east.sign_csr(&req.csr, &other_td, DEFAULT_LEAF_TTL).unwrap_err();
+        let err = east
+            .sign_csr(&req.csr, &other_td, DEFAULT_LEAF_TTL)
+            .unwrap_err();
         assert!(matches!(err, CaError::WrongTrustDomain { .. }), "{err}");
     }
 
@@ -601,7 +620,10 @@ mod tests {
         let req = KeyAndCsr::generate(&id).unwrap();
         let issued = ca.sign_csr(&req.csr, &id, DEFAULT_LEAF_TTL).unwrap();
         let life = issued.not_after - issued.not_before;
-        assert_eq!(life, time::Duration::hours(24) + time::Duration::seconds(60));
+        assert_eq!(
+            life,
+            time::Duration::hours(24) + time::Duration::seconds(60)
+        );
         let issued = ca
             .sign_csr(&req.csr, &id, Duration::from_secs(365 * 24 * 3600))
             .unwrap();
@@ -614,7 +636,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = RootCa::generate(&td("east.local"), DEFAULT_ROOT_TTL).unwrap();
         root.write(dir.path()).unwrap();
-        assert!(matches!(root.write(dir.path()), Err(CaError::Exists { .. })));
+        assert!(matches!(
+            root.write(dir.path()),
+            Err(CaError::Exists { .. })
+        ));
         let loaded = RootCa::load(dir.path()).unwrap();
         assert_eq!(loaded.trust_domain().as_str(), "east.local");
         let cdir = dir.path().join("east");
@@ -629,7 +654,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(cdir.join("ca-key.pem")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(cdir.join("ca-key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

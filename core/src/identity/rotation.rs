@@ -121,12 +121,20 @@ impl RotatingCert {
 
     /// The key and chain new handshakes use.
     pub fn certified_key(&self) -> Arc<CertifiedKey> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     /// Expiry of the current certificate.
     pub fn not_after(&self) -> OffsetDateTime {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).1.not_after
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .not_after
     }
 
     /// How many times the certificate has been replaced.
@@ -278,6 +286,9 @@ mod tests {
         let d = refresh_delay(v, nb, 0.5);
         assert_eq!(d, Duration::from_secs(12 * 3600));
         // Past the refresh point: renew at once.
-        assert_eq!(refresh_delay(v, nb + time::Duration::hours(13), 0.5), Duration::ZERO);
+        assert_eq!(
+            refresh_delay(v, nb + time::Duration::hours(13), 0.5),
+            Duration::ZERO
+        );
     }
 }

@@ -31,7 +31,9 @@ pub enum SpiffeIdError {
         "SPIFFE ID path {0:?} is invalid: segments must be non-empty, not '.' or '..', made of letters, digits, '.', '-' or '_', with no trailing slash"
     )]
     Path(String),
-    #[error("cluster name {0:?} is invalid: use a DNS label (1-63 lowercase letters, digits or '-')")]
+    #[error(
+        "cluster name {0:?} is invalid: use a DNS label (1-63 lowercase letters, digits or '-')"
+    )]
     ClusterName(String),
 }
 
@@ -260,7 +262,9 @@ mod tests {
 
     #[test]
     fn parses_workload_and_cluster_ids() {
-        let id: SpiffeId = "spiffe://east.local/ns/sample/sa/helloworld".parse().unwrap();
+        let id: SpiffeId = "spiffe://east.local/ns/sample/sa/helloworld"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain().as_str(), "east.local");
         assert_eq!(
             id.role(),

@@ -33,7 +33,9 @@ pub enum VerifyError {
     NoCertificate,
     #[error("peer certificate is not valid X.509: {0}")]
     Malformed(String),
-    #[error("peer certificate has no spiffe:// URI SAN; it was not issued by an Isthmus or SPIFFE CA")]
+    #[error(
+        "peer certificate has no spiffe:// URI SAN; it was not issued by an Isthmus or SPIFFE CA"
+    )]
     NoUriSan,
     #[error("peer certificate has {0} URI SANs; an X.509-SVID must have exactly one")]
     MultipleUriSans(usize),
@@ -114,7 +116,9 @@ pub(crate) fn uri_sans(cert: &X509Certificate<'_>) -> Result<Vec<String>, Verify
                     }
                 }
             }
-            ParsedExtension::ParseError { error } if ext.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME => {
+            ParsedExtension::ParseError { error }
+                if ext.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME =>
+            {
                 return Err(VerifyError::Malformed(format!("subjectAltName: {error}")));
             }
             _ => {}
@@ -312,7 +316,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.store
-            .verify_peer(end_entity, intermediates, now, Usage::Server, &self.algs, &self.expect)
+            .verify_peer(
+                end_entity,
+                intermediates,
+                now,
+                Usage::Server,
+                &self.algs,
+                &self.expect,
+            )
             .map_err(|e| {
                 tracing::debug!(error = %e, "refused server certificate");
                 e
@@ -376,7 +387,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.store
-            .verify_peer(end_entity, intermediates, now, Usage::Client, &self.algs, &self.expect)
+            .verify_peer(
+                end_entity,
+                intermediates,
+                now,
+                Usage::Client,
+                &self.algs,
+                &self.expect,
+            )
             .map_err(|e| {
                 tracing::debug!(error = %e, "refused client certificate");
                 e
