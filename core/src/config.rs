@@ -519,13 +519,7 @@ impl fmt::Display for ClusterName {
     }
 }
 
-/// Where a cluster runs. Empty strings are unknown.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    pub subzone: String,
-}
+pub use crate::model::Locality;
 
 impl FromConfig for Locality {
     fn read(r: &Reader<'_>) -> Option<Self> {

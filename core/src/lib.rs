@@ -10,6 +10,7 @@ pub mod config;
 pub mod drain;
 pub mod identity;
 pub mod metrics;
+pub mod model;
 pub mod readiness;
 pub mod signal;
 pub mod telemetry;
