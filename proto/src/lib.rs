@@ -59,6 +59,7 @@ mod tests {
             source_cluster: "east".into(),
             connection_id: "c-1".into(),
             attempt: 0,
+            probe: false,
         };
         let bytes = req.encode_to_vec();
         assert!(bytes.len() < tunnel::v1::MAX_HEADER_BYTES);

@@ -1,0 +1,92 @@
+//! Copies bytes both ways between a TCP connection and a QUIC stream,
+//! with half-close carried across (TCP FIN ↔ QUIC FIN) and aborts carried
+//! as aborts (TCP error → stream reset, stream reset → TCP close).
+
+use bytes::BytesMut;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Application error code of a stream reset or stop: the other side went
+/// away abnormally.
+pub const ABORTED: VarInt = VarInt::from_u32(1);
+
+/// Bytes moved by a finished splice.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    /// TCP → QUIC.
+    pub to_quic: u64,
+    /// QUIC → TCP.
+    pub to_tcp: u64,
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Runs until both directions are done.
+pub async fn splice(
+    mut tcp_r: OwnedReadHalf,
+    mut tcp_w: OwnedWriteHalf,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Moved {
+    let up = async {
+        let mut n = 0u64;
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        loop {
+            buf.reserve(CHUNK);
+            match tcp_r.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    break;
+                }
+                Ok(k) => {
+                    n += k as u64;
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
+                        // The peer stopped reading: nothing more to send.
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = send.reset(ABORTED);
+                    break;
+                }
+            }
+        }
+        n
+    };
+    let down = async {
+        let mut n = 0u64;
+        let mut aborted = false;
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    n += chunk.bytes.len() as u64;
+                    if tcp_w.write_all(&chunk.bytes).await.is_err() {
+                        let _ = recv.stop(ABORTED);
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    let _ = tcp_w.shutdown().await;
+                    break;
+                }
+                Err(_) => {
+                    // Reset by the peer: abort the TCP side too (below).
+                    aborted = true;
+                    break;
+                }
+            }
+        }
+        (n, aborted)
+    };
+    let (to_quic, (to_tcp, aborted)) = tokio::join!(up, down);
+    if aborted && let Ok(tcp) = tcp_r.reunite(tcp_w) {
+        // RST rather than FIN, so the client does not mistake an abort
+        // for a clean end of stream.
+        let _ = tcp.set_zero_linger();
+        drop(tcp);
+    }
+    // A finished SendStream may be dropped: quinn keeps delivering its
+    // data while the connection lives.
+    Moved { to_quic, to_tcp }
+}

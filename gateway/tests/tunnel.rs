@@ -1,0 +1,408 @@
+//! Two and three gateways on loopback with real TLS workloads behind them:
+//! end-to-end identity, export checks, failover, peer death, garbage on
+//! the wire, and peer authentication.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use isthmus_core::identity::verify::Expect;
+use isthmus_core::model::{DestinationRule, ImportedService, MeshState};
+use isthmus_core::testing::assert_eventually;
+use isthmus_gateway::app::Bound;
+use isthmus_gateway::pool::Health;
+use tokio::sync::watch;
+
+/// A running three-cluster topology: the client lives in east; west and
+/// eu serve helloworld.
+struct Topology {
+    mesh: Mesh,
+    gws: BTreeMap<&'static str, (Bound, watch::Sender<Arc<MeshState>>)>,
+    backends: BTreeMap<&'static str, SocketAddr>,
+    ids: BTreeMap<
+        &'static str,
+        tokio::sync::mpsc::UnboundedReceiver<
+            Result<Option<isthmus_core::identity::SpiffeId>, String>,
+        >,
+    >,
+}
+
+/// How each serving cluster is set up.
+#[derive(Clone, Copy)]
+struct Serving {
+    exported_to_east: bool,
+    has_endpoints: bool,
+}
+
+const OK: Serving = Serving {
+    exported_to_east: true,
+    has_endpoints: true,
+};
+
+impl Topology {
+    async fn start(west: Serving, eu: Serving, dr: Option<DestinationRule>) -> Self {
+        let mesh = Mesh::new();
+        let mut gws = BTreeMap::new();
+        let mut backends = BTreeMap::new();
+        let mut ids = BTreeMap::new();
+        for c in &mesh.clusters {
+            gws.insert(c.name, gateway(&mesh, c).await);
+            if c.name != "east" {
+                let (addr, rx) = backend(c, mesh.trust.clone()).await;
+                backends.insert(c.name, addr);
+                ids.insert(c.name, rx);
+            }
+        }
+        let mut t = Self {
+            mesh,
+            gws,
+            backends,
+            ids,
+        };
+        t.publish(west, eu, dr);
+        t
+    }
+
+    /// Sends every gateway its state.
+    fn publish(&mut self, west: Serving, eu: Serving, dr: Option<DestinationRule>) {
+        let addrs: BTreeMap<&str, SocketAddr> = self
+            .gws
+            .iter()
+            .map(|(n, (b, _))| (*n, b.peer_addr))
+            .collect();
+        for c in &self.mesh.clusters {
+            let mut s = MeshState {
+                version: 1,
+                peers: peers(
+                    &self.mesh,
+                    &addrs
+                        .iter()
+                        .filter(|(n, _)| **n != c.name)
+                        .map(|(n, a)| (*n, *a))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            if let Some(dr) = &dr {
+                s.destination_rules.insert(svc_key(), Arc::new(dr.clone()));
+            }
+            match c.name {
+                "east" => {
+                    s.imported.insert(
+                        svc_key(),
+                        Arc::new(ImportedService {
+                            key: svc_key(),
+                            ports: vec![],
+                            // The catalogue says both have healthy endpoints.
+                            clusters: vec![
+                                remote(self.mesh.get("west"), 1),
+                                remote(self.mesh.get("eu"), 1),
+                            ],
+                        }),
+                    );
+                }
+                name => {
+                    let cfg = if name == "west" { west } else { eu };
+                    let exported: &[&str] = if cfg.exported_to_east { &["east"] } else { &[] };
+                    let ep = cfg.has_endpoints.then(|| self.backends[name]);
+                    s.local
+                        .insert(svc_key(), local_service(ep, exported, &c.locality));
+                }
+            }
+            self.gws[c.name].1.send_replace(Arc::new(s));
+        }
+    }
+
+    fn east_gw(&self) -> SocketAddr {
+        self.gws["east"].0.sidecar_addr
+    }
+
+    /// One call from east's workload; returns the serving cluster's name.
+    async fn call(&self) -> Result<String, String> {
+        let east = self.mesh.get("east");
+        let servers = Expect::OneOf(Arc::new(std::sync::RwLock::new(
+            ["west", "eu"]
+                .iter()
+                .map(|n| self.mesh.get(n).workload_id("helloworld"))
+                .collect(),
+        )));
+        let (echo, server) = call(
+            east,
+            self.mesh.trust.clone(),
+            self.east_gw(),
+            &sni(""),
+            servers,
+            b"hello",
+        )
+        .await?;
+        assert_eq!(echo, b"hello");
+        Ok(server
+            .trust_domain()
+            .as_str()
+            .trim_end_matches(".local")
+            .to_owned())
+    }
+}
+
+/// West is preferred over eu for east's traffic.
+fn prefer_west() -> DestinationRule {
+    DestinationRule::from_spec(
+        "sample",
+        "helloworld",
+        &serde_json::json!({"host": "helloworld", "trafficPolicy": {"loadBalancer": {"localityLbSetting": {"failover": [{"from": "us-east1", "to": "us-west1"}]}}}}),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sees_the_clients_own_identity_end_to_end() {
+    let mut t = Topology::start(OK, OK, Some(prefer_west())).await;
+    assert_eq!(t.call().await.unwrap(), "west");
+    // West's workload verified east's *workload*, not a gateway.
+    let seen = t
+        .ids
+        .get_mut("west")
+        .unwrap()
+        .recv()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, Some(t.mesh.get("east").workload_id("sleep")));
+
+    // Both sides count the connection with Istio's labels.
+    let m = scrape(t.gws["east"].0.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "source_cluster=\"east\"",
+                "destination_cluster=\"west\""
+            ]
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_sent_bytes_total",
+            &["destination_cluster=\"west\""]
+        ) > 5.0
+    );
+    let m = scrape(t.gws["west"].0.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\"", "source_cluster=\"east\""]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_not_exported_to_the_caller_is_refused() {
+    let no = Serving {
+        exported_to_east: false,
+        has_endpoints: true,
+    };
+    let t = Topology::start(no, no, None).await;
+    let err = t.call().await.unwrap_err();
+    assert!(err.contains("handshake") || err.contains("read"), "{err}");
+    for gw in ["west", "eu"] {
+        let m = scrape(t.gws[gw].0.metrics_addr).await;
+        assert_eq!(
+            metric(
+                &m,
+                "isthmus_gateway_streams_refused_total",
+                &["peer_cluster=\"east\"", "reason=\"not_exported\""]
+            ),
+            1.0,
+            "{gw}: {m}"
+        );
+    }
+    let m = scrape(t.gws["east"].0.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "isthmus_gateway_connections_unrouted_total",
+            &["all_clusters_failed"]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoints_in_the_first_cluster_the_second_serves_with_zero_errors() {
+    let empty = Serving {
+        exported_to_east: true,
+        has_endpoints: false,
+    };
+    let t = Topology::start(empty, OK, Some(prefer_west())).await;
+    for _ in 0..30 {
+        assert_eq!(t.call().await.unwrap(), "eu");
+    }
+    let m = scrape(t.gws["east"].0.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "isthmus_gateway_failovers_total",
+            &[
+                "from_cluster=\"west\"",
+                "to_cluster=\"eu\"",
+                "reason=\"no_healthy_endpoint\""
+            ]
+        ),
+        30.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_decides_when_everything_is_healthy() {
+    let t = Topology::start(OK, OK, Some(prefer_west())).await;
+    for _ in 0..10 {
+        assert_eq!(t.call().await.unwrap(), "west");
+    }
+}
+
+/// Runs `t`'s west gateway in a runtime of its own so it can be killed:
+/// dropping the runtime stops every task and closes its sockets without a
+/// QUIC CONNECTION_CLOSE, as a crashed process would.
+#[test]
+fn a_killed_peer_gateway_leaves_rotation_within_a_second_with_zero_failed_new_connections() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let west_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    main.block_on(async {
+        let mesh = Mesh::new();
+        let (east, east_tx) = gateway(&mesh, mesh.get("east")).await;
+        let (eu, eu_tx) = gateway(&mesh, mesh.get("eu")).await;
+        let (west_backend, _) = backend(mesh.get("west"), mesh.trust.clone()).await;
+        let (eu_backend, _) = backend(mesh.get("eu"), mesh.trust.clone()).await;
+        // West's gateway, on its own runtime, with west's real PKI.
+        let west_c = mesh.get("west");
+        let (west, west_tx) = {
+            let _guard = west_rt.enter();
+            let handle = west_rt.handle().clone();
+            let cfg = config(west_c);
+            let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+            let deps = isthmus_gateway::app::Deps {
+                certs: isthmus_core::testing::leaf(&west_c.ca, &west_c.gateway_id(), DAY),
+                trust: mesh.trust.clone(),
+                state: rx,
+                logs: None,
+            };
+            let b = handle.spawn(isthmus_gateway::app::build(cfg, deps)).await.unwrap().unwrap();
+            (b, tx)
+        };
+        let addrs: BTreeMap<&str, SocketAddr> = [("east", east.peer_addr), ("west", west.peer_addr), ("eu", eu.peer_addr)].into();
+        let others = |me: &str| -> BTreeMap<&str, SocketAddr> { addrs.iter().filter(|(n, _)| **n != me).map(|(n, a)| (*n, *a)).collect() };
+        let mut s = MeshState { version: 1, peers: peers(&mesh, &others("east")), ..Default::default() };
+        s.imported.insert(svc_key(), Arc::new(ImportedService {
+            key: svc_key(),
+            ports: vec![],
+            clusters: vec![remote(mesh.get("west"), 1), remote(mesh.get("eu"), 1)],
+        }));
+        s.destination_rules.insert(svc_key(), Arc::new(prefer_west()));
+        east_tx.send_replace(Arc::new(s));
+        for (name, tx, backend) in [("west", &west_tx, west_backend), ("eu", &eu_tx, eu_backend)] {
+            let mut s = MeshState { version: 1, peers: peers(&mesh, &others(name)), ..Default::default() };
+            s.local.insert(svc_key(), local_service(Some(backend), &["east"], &mesh.get(name).locality));
+            tx.send_replace(Arc::new(s));
+        }
+
+        let east_c = mesh.get("east");
+        let servers = Expect::OneOf(Arc::new(std::sync::RwLock::new(
+            ["west", "eu"].iter().map(|n| mesh.get(n).workload_id("helloworld")).collect(),
+        )));
+        let any_subset = sni("");
+        let one = || call(east_c, mesh.trust.clone(), east.sidecar_addr, &any_subset, servers.clone(), b"x");
+        // Warm: west serves.
+        for _ in 0..5 {
+            let (_, id) = one().await.unwrap();
+            assert_eq!(id.trust_domain().as_str(), "west.local");
+        }
+
+        // Kill west's gateway.
+        let killed_at = tokio::time::Instant::now();
+        drop(west);
+        west_rt.shutdown_background();
+
+        // New connections keep succeeding, and move to eu.
+        let mut failures = Vec::new();
+        let mut served_by_eu = 0;
+        let mut detected = None;
+        while killed_at.elapsed() < Duration::from_secs(3) {
+            match one().await {
+                Ok((_, id)) if id.trust_domain().as_str() == "eu.local" => served_by_eu += 1,
+                Ok((_, id)) => failures.push(format!("served by {id} after the kill")),
+                Err(e) => failures.push(e),
+            }
+            if detected.is_none() && east_pool_health(&east).await == Health::Down {
+                detected = Some(killed_at.elapsed());
+            }
+        }
+        assert!(failures.is_empty(), "failed new connections: {failures:?}");
+        assert!(served_by_eu > 3, "eu served {served_by_eu}");
+        let detected = detected.expect("west never marked down");
+        assert!(detected <= Duration::from_secs(1), "west marked down after {detected:?}");
+        eprintln!("west detected down after {detected:?}; eu served {served_by_eu} new connections, 0 failed");
+        let _ = east.shutdown(Duration::from_secs(1)).await;
+        let _ = eu.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
+async fn east_pool_health(east: &Bound) -> Health {
+    // The admin dump reports the pool's view of each peer.
+    let mut s = tokio::net::TcpStream::connect(east.admin_addr)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /config_dump HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+    let west = dump["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cluster"] == "west")
+        .unwrap();
+    match west["health"].as_str().unwrap() {
+        "Up" => Health::Up,
+        "Down" => Health::Down,
+        _ => Health::Ejected,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_becomes_ready_after_its_first_config() {
+    let mesh = Mesh::new();
+    let (gw, tx) = gateway(&mesh, mesh.get("east")).await;
+    assert_eq!(gw.ready.pending(), vec!["first config from the controller"]);
+    tx.send_replace(Arc::new(MeshState {
+        version: 1,
+        ..Default::default()
+    }));
+    let ready = gw.ready.clone();
+    assert_eventually("gateway ready", Duration::from_secs(5), async || {
+        ready.is_ready()
+    })
+    .await;
+}
