@@ -248,6 +248,11 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
 }
 
 impl Bound {
+    /// This gateway's view of a peer's health.
+    pub fn peer_health(&self, cluster: &str) -> crate::pool::Health {
+        self.pool.health(cluster)
+    }
+
     /// Drains: stops accepting, lets tunnels finish until `deadline`, then
     /// closes QUIC cleanly and waits for peers to learn it (`wait_idle`),
     /// so they do not sit out their idle timeout.

@@ -27,11 +27,11 @@ use crate::header::{read_frame, write_frame};
 use crate::metrics::{Direction, Metrics, PeerLabels, StreamLabels};
 
 /// Time between liveness probes of one peer.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(150);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a probe may take before it counts as missed.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Missed probes in a row that take a peer out of rotation. Worst case
-/// detection: interval + 2 × (timeout + interval) < 1 s.
+/// detection: interval + 2 × (timeout + interval) = 700 ms < 1 s.
 pub const PROBE_FAILURES_TO_DOWN: u32 = 2;
 /// How long opening a QUIC connection (handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
