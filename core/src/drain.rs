@@ -30,6 +30,18 @@ pub struct DrainWatcher {
     _holder: Arc<()>,
 }
 
+/// Observes a drain without holding it open, and can mint a holding
+/// [`DrainWatcher`] for each unit of work (one per tunnel). Long-lived
+/// objects that outlive their work (a shared context, a QUIC connection
+/// that peers keep alive) keep this, not a watcher, or the drain would
+/// wait for them until its deadline.
+#[derive(Debug, Clone)]
+pub struct DrainSignal {
+    signal: watch::Receiver<bool>,
+    done: mpsc::WeakSender<()>,
+    holder: Weak<()>,
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
@@ -95,11 +107,46 @@ impl DrainWatcher {
         *self.signal.borrow()
     }
 
+    /// A non-holding observer of this drain.
+    pub fn signal(&self) -> DrainSignal {
+        DrainSignal {
+            signal: self.signal.clone(),
+            done: self._done.downgrade(),
+            holder: Arc::downgrade(&self._holder),
+        }
+    }
+
     /// Runs `fut` while holding this watcher, so the drain waits for it.
     pub async fn release_after<F: Future>(self, fut: F) -> F::Output {
         let out = fut.await;
         drop(self);
         out
+    }
+}
+
+impl DrainSignal {
+    /// Resolves once a drain has started.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn signaled(&self) {
+        let mut rx = self.signal.clone();
+        let _ = rx.wait_for(|draining| *draining).await;
+    }
+
+    /// True once a drain has started.
+    pub fn is_draining(&self) -> bool {
+        *self.signal.borrow()
+    }
+
+    /// A watcher that holds the drain open while alive; `None` once the
+    /// drain has completed (nothing is waiting any more).
+    pub fn hold(&self) -> Option<DrainWatcher> {
+        Some(DrainWatcher {
+            signal: self.signal.clone(),
+            _done: self.done.upgrade()?,
+            _holder: self.holder.upgrade()?,
+        })
     }
 }
 
@@ -121,6 +168,24 @@ mod tests {
         assert_eq!(outcome, DrainOutcome::Drained);
         task.await.unwrap();
         acceptor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_does_not_hold_the_drain_but_its_holders_do() {
+        let (trigger, watcher) = new();
+        let signal = watcher.signal();
+        let held = signal.hold().unwrap();
+        drop(watcher);
+        let work = tokio::spawn(held.release_after(tokio::time::sleep(Duration::from_secs(2))));
+        // `signal` is still alive: it must not keep the drain open.
+        let outcome = trigger.start_drain_and_wait(Duration::from_secs(10)).await;
+        assert_eq!(outcome, DrainOutcome::Drained);
+        work.await.unwrap();
+        assert!(signal.is_draining());
+        assert!(
+            signal.hold().is_none(),
+            "no holder can be minted after the drain completed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -80,7 +80,7 @@ impl ConfigDump for PeersDump {
         "peers"
     }
     fn dump(&self) -> serde_json::Value {
-        let rtts = self.0.rtts();
+        let paths = self.0.paths();
         let peers: Vec<_> = self
             .1
             .borrow()
@@ -91,7 +91,8 @@ impl ConfigDump for PeersDump {
                     "cluster": p.cluster,
                     "address": p.address.to_string(),
                     "health": format!("{:?}", self.0.health(&p.cluster)),
-                    "rtt_us": rtts.get(&p.cluster).map(|d| d.as_micros() as u64),
+                    "rtt_us": paths.get(&p.cluster).map(|(d, _)| d.as_micros() as u64),
+                    "packet_size": paths.get(&p.cluster).map(|(_, m)| *m),
                 })
             })
             .collect();
@@ -116,8 +117,9 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
         deps.trust.clone(),
         Expect::OneOf(allowed.clone()),
         config.idle_timeout,
+        config.max_udp_payload,
     );
-    let endpoint = quinn::Endpoint::server(server, config.peer_addr).with_context(|| {
+    let endpoint = quic::endpoint(server, config.peer_addr, config.max_udp_payload).with_context(|| {
         format!(
             "cannot bind the QUIC peer listener to udp/{}; is another gateway running? (listen.peers in the config)",
             config.peer_addr
@@ -134,7 +136,7 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
 
     let client_certs = deps.certs.clone();
     let client_trust = deps.trust.clone();
-    let idle = config.idle_timeout;
+    let (idle, mtu) = (config.idle_timeout, config.max_udp_payload);
     let pool = PeerPool::new(
         config.cluster.name.0.clone(),
         endpoint.clone(),
@@ -144,6 +146,7 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
                 client_trust.clone(),
                 Expect::Exactly(expect.clone()),
                 idle,
+                mtu,
             )
         }),
         config.connections_per_peer as usize,
@@ -156,13 +159,13 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
         state: deps.state.clone(),
         pool: pool.clone(),
         metrics,
-        drain: drain.clone(),
+        drain: drain.signal(),
     });
 
     // Follow the mesh state: peers to connect to and to accept.
     let mut state = deps.state.clone();
     let sync_pool = pool.clone();
-    let sync_drain = drain.clone();
+    let sync_drain = drain.signal();
     tokio::spawn(
         async move {
             let mut first = Some(first_config);
@@ -248,6 +251,11 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
 }
 
 impl Bound {
+    /// RTT and QUIC packet size towards each connected peer.
+    pub fn peer_paths(&self) -> std::collections::BTreeMap<String, (Duration, u16)> {
+        self.pool.paths()
+    }
+
     /// This gateway's view of a peer's health.
     pub fn peer_health(&self, cluster: &str) -> crate::pool::Health {
         self.pool.health(cluster)

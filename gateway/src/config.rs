@@ -15,6 +15,10 @@ pub const DEFAULT_PEER_ADDR: &str = "0.0.0.0:15443";
 /// idle timeout either side may use (see quinn-rs/quinn#1670).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default ceiling of QUIC packet size (UDP payload): Ethernet MTU less
+/// IP and UDP headers. MTU discovery probes up to this.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+
 /// The gateway's whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GatewayConfig {
@@ -26,6 +30,13 @@ pub struct GatewayConfig {
     pub idle_timeout: Duration,
     /// QUIC connections kept to each peer gateway.
     pub connections_per_peer: u32,
+    /// Largest QUIC packet (UDP payload) MTU discovery may reach. Only
+    /// raise it on paths known to carry larger packets without loss
+    /// (jumbo frames: 8972; the IPv4 maximum is 65507). Measured on
+    /// loopback under bulk load, large probes were lost to queueing and
+    /// quinn's black-hole detection fell back to 1200, which is slower
+    /// than the default (BENCHMARKS.md).
+    pub max_udp_payload: u16,
     pub admin: AdminSection,
 }
 
@@ -40,6 +51,13 @@ impl FromConfig for GatewayConfig {
         listen.finish();
         let idle_timeout = r.or("idleTimeout", DEFAULT_IDLE_TIMEOUT);
         let connections_per_peer = r.or("connectionsPerPeer", 2u32);
+        let max_udp_payload = match r.or("maxUdpPayload", u32::from(DEFAULT_MAX_UDP_PAYLOAD)) {
+            n @ 1200..=65527 => n as u16,
+            n => {
+                r.error("maxUdpPayload", format!("{n} is out of range (QUIC needs at least 1200 bytes; UDP allows at most 65527)"), "use 1200 to 65527 (default 1452)");
+                DEFAULT_MAX_UDP_PAYLOAD
+            }
+        };
         let admin = r.section::<AdminSection>("admin");
         Some(Self {
             cluster: cluster?,
@@ -48,6 +66,7 @@ impl FromConfig for GatewayConfig {
             peer_addr,
             idle_timeout,
             connections_per_peer,
+            max_udp_payload,
             admin: admin?,
         })
     }

@@ -31,7 +31,9 @@ pub const UPSTREAM_ATTEMPTS: usize = 3;
 /// Stream reset code for a header that could not be read.
 pub const MALFORMED: VarInt = VarInt::from_u32(2);
 
-/// Accepts QUIC connections until the drain starts.
+/// Accepts QUIC connections until the drain starts. Connections are not
+/// held through the drain (peers keep them alive); tunnels are, and new
+/// streams during the drain are answered DRAINING so peers fail over.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
     loop {
         let incoming = tokio::select! {
@@ -42,10 +44,7 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
         let remote = incoming.remote_address();
         let c = Arc::clone(&ctx);
         tokio::spawn(
-            ctx.drain
-                .clone()
-                .release_after(connection(incoming, c))
-                .instrument(info_span!("peer_conn", peer.addr = %remote)),
+            connection(incoming, c).instrument(info_span!("peer_conn", peer.addr = %remote)),
         );
     }
 }
@@ -94,11 +93,14 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
         };
         let c = Arc::clone(&ctx);
         let peer = peer_cluster.clone();
+        // Each tunnel holds the drain open until it ends.
+        let held = ctx.drain.hold();
         tokio::spawn(
-            ctx.drain
-                .clone()
-                .release_after(stream(send, recv, peer, c))
-                .instrument(span.clone()),
+            async move {
+                let _held = held;
+                stream(send, recv, peer, c).await
+            }
+            .instrument(span.clone()),
         );
     }
 }

@@ -19,10 +19,12 @@ pub mod quic;
 pub mod select;
 pub mod sni;
 pub mod splice;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 
-use isthmus_core::drain::DrainWatcher;
+use isthmus_core::drain::DrainSignal;
 use isthmus_core::model::{Locality, MeshState};
 use tokio::sync::watch;
 
@@ -34,5 +36,6 @@ pub struct Ctx {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub pool: Arc<pool::PeerPool>,
     pub metrics: metrics::Metrics,
-    pub drain: DrainWatcher,
+    /// Observes the drain; each tunnel holds it open with `hold()`.
+    pub drain: DrainSignal,
 }

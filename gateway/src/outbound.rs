@@ -42,11 +42,13 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
             }
         };
         let c = Arc::clone(&ctx);
+        let held = ctx.drain.hold();
         tokio::spawn(
-            ctx.drain
-                .clone()
-                .release_after(connection(tcp, c))
-                .instrument(info_span!("sidecar_conn", src.addr = %remote)),
+            async move {
+                let _held = held;
+                connection(tcp, c).await
+            }
+            .instrument(info_span!("sidecar_conn", src.addr = %remote)),
         );
     }
 }

@@ -244,14 +244,16 @@ impl PeerPool {
         self.peer(cluster).map_or(Health::Down, |p| p.health())
     }
 
-    /// Smoothed RTT to each connected peer.
-    pub fn rtts(&self) -> BTreeMap<String, Duration> {
+    /// Path figures of each connected peer (first connection): smoothed
+    /// RTT and current QUIC packet size.
+    pub fn paths(&self) -> BTreeMap<String, (Duration, u16)> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         peers
             .iter()
             .filter_map(|(name, p)| {
                 let slot = p.slots.first()?.try_lock().ok()?;
-                Some((name.clone(), slot.as_ref()?.rtt()))
+                let c = slot.as_ref()?;
+                Some((name.clone(), (c.rtt(), c.stats().path.current_mtu)))
             })
             .collect()
     }

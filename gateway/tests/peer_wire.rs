@@ -2,21 +2,18 @@
 //! headers are checked against the certificate, and peers with the wrong
 //! root or cluster name never get in.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::identity::{SpiffeId, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::testing::{TestDomain, leaf};
 use isthmus_gateway::header::{read_frame, write_frame};
 use isthmus_gateway::quic;
+use isthmus_gateway::testing::*;
 use isthmus_proto::tunnel::v1::{TunnelRequest, TunnelResponse, tunnel_response::Code};
-use tokio::io::AsyncWriteExt;
 
 /// Connects to `server` as the holder of `certs`, expecting `expect`.
 async fn dial(
@@ -31,6 +28,7 @@ async fn dial(
         trust,
         Expect::Exactly(expect),
         Duration::from_secs(10),
+        1452,
     ));
     let connecting = ep.connect(server, "gw").map_err(|e| e.to_string())?;
     let conn = tokio::time::timeout(Duration::from_secs(5), connecting)

@@ -2,19 +2,17 @@
 //! end-to-end identity, export checks, failover, peer death, garbage on
 //! the wire, and peer authentication.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::model::{DestinationRule, ImportedService, MeshState};
 use isthmus_core::testing::assert_eventually;
 use isthmus_gateway::app::Bound;
 use isthmus_gateway::pool::Health;
+use isthmus_gateway::testing::*;
 use tokio::sync::watch;
 
 /// A running three-cluster topology: the client lives in east; west and
@@ -369,7 +367,6 @@ fn a_killed_peer_gateway_leaves_rotation_within_a_second_with_zero_failed_new_co
         assert!(served_by_eu > 3, "eu served {served_by_eu}");
         assert!(detected <= Duration::from_secs(1), "west marked down after {detected:?}");
         eprintln!("west detected down after {detected:?}; eu served {served_by_eu} new connections, 0 failed");
-        drop(one);
         let _ = Arc::try_unwrap(east).unwrap().shutdown(Duration::from_secs(1)).await;
         let _ = eu.shutdown(Duration::from_secs(1)).await;
     });
@@ -389,4 +386,53 @@ async fn gateway_becomes_ready_after_its_first_config() {
         ready.is_ready()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_open_tunnels_finish_and_takes_no_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut t = Topology::start(OK, OK, Some(prefer_west())).await;
+    let east_c = t.mesh.get("east");
+    let cfg = isthmus_core::tls::client_config(
+        Some(isthmus_core::testing::leaf(
+            &east_c.ca,
+            &east_c.workload_id("sleep"),
+            DAY,
+        )),
+        t.mesh.trust.clone(),
+        Expect::AnyTrusted,
+        &[],
+    );
+    let tcp = tokio::net::TcpStream::connect(t.east_gw()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni("")).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    tls.write_all(b"a").await.unwrap();
+    tls.read_exact(&mut buf).await.unwrap();
+
+    let (east, _tx) = t.gws.remove("east").unwrap();
+    let addr = east.sidecar_addr;
+    let drain = tokio::spawn(east.shutdown(Duration::from_secs(20)));
+    assert_eventually(
+        "the sidecar listener to close",
+        Duration::from_secs(5),
+        async || tokio::net::TcpStream::connect(addr).await.is_err(),
+    )
+    .await;
+    // The open tunnel still carries bytes, and holds the drain open.
+    tls.write_all(b"b").await.unwrap();
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b");
+    assert!(!drain.is_finished());
+    // When it ends, the drain completes well before its deadline.
+    tls.shutdown().await.unwrap();
+    drop(tls);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, isthmus_core::drain::DrainOutcome::Drained);
 }

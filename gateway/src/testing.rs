@@ -1,21 +1,19 @@
-//! A three-cluster gateway harness on loopback: east (us-east1), west
+//! (feature `testing`) A three-cluster gateway harness on loopback: east (us-east1), west
 //! (us-west1), eu (europe-west1), each with its own trust domain and CA,
 //! a real gateway, and TLS workloads behind it.
-
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::app::{self, Bound, Deps};
+use crate::config::GatewayConfig;
 use isthmus_core::config::{AdminSection, ClusterName, ClusterSection};
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::identity::{ClusterCa, SpiffeId, TrustStore};
 use isthmus_core::model::*;
 use isthmus_core::testing::{TestDomain, leaf, tls_echo_server};
-use isthmus_gateway::app::{self, Bound, Deps};
-use isthmus_gateway::config::GatewayConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -32,6 +30,7 @@ pub fn sni(subset: &str) -> String {
 }
 
 /// One cluster's PKI and locality.
+#[derive(Debug)]
 pub struct Cluster {
     pub name: &'static str,
     pub locality: Locality,
@@ -59,6 +58,7 @@ impl Cluster {
 }
 
 /// The three clusters, all trusting each other.
+#[derive(Debug)]
 pub struct Mesh {
     pub clusters: Vec<Cluster>,
     pub trust: Arc<TrustStore>,
@@ -92,6 +92,7 @@ pub fn config(c: &Cluster) -> GatewayConfig {
         peer_addr: any,
         idle_timeout: Duration::from_secs(30),
         connections_per_peer: 2,
+        max_udp_payload: crate::config::DEFAULT_MAX_UDP_PAYLOAD,
         admin: AdminSection {
             admin: any,
             metrics: any,
@@ -103,14 +104,25 @@ pub fn config(c: &Cluster) -> GatewayConfig {
 /// Starts a gateway for `c` with an empty state; returns it and the
 /// sender that feeds its state.
 pub async fn gateway(mesh: &Mesh, c: &Cluster) -> (Bound, watch::Sender<Arc<MeshState>>) {
+    gateway_with(mesh, c, crate::config::DEFAULT_MAX_UDP_PAYLOAD).await
+}
+
+/// [`gateway`] with a given QUIC packet size ceiling.
+pub async fn gateway_with(
+    mesh: &Mesh,
+    c: &Cluster,
+    max_udp_payload: u16,
+) -> (Bound, watch::Sender<Arc<MeshState>>) {
     let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let mut config = config(c);
+    config.max_udp_payload = max_udp_payload;
     let deps = Deps {
         certs: leaf(&c.ca, &c.gateway_id(), DAY),
         trust: mesh.trust.clone(),
         state: rx,
         logs: None,
     };
-    (app::build(config(c), deps).await.unwrap(), tx)
+    (app::build(config, deps).await.unwrap(), tx)
 }
 
 /// A workload server: TLS echo with the cluster's workload identity, that
