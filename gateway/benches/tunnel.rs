@@ -251,23 +251,15 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() {
-    // ISTHMUS_BENCH_QUICK=1: only bulk throughput at the default packet
-    // size, for quick iteration while tuning.
+    // ISTHMUS_BENCH_QUICK=1: only bulk throughput, for quick iteration.
     let quick = std::env::var_os("ISTHMUS_BENCH_QUICK").is_some();
-    let only: Option<u16> = std::env::var("ISTHMUS_BENCH_MTU")
+    // ISTHMUS_BENCH_MTU=N: QUIC packet size ceiling (maxUdpPayload).
+    let mtu: u16 = std::env::var("ISTHMUS_BENCH_MTU")
         .ok()
-        .and_then(|v| v.parse().ok());
-    let sizes: &[u16] = if let Some(m) = &only {
-        std::slice::from_ref(m)
-    } else if quick {
-        &[isthmus_gateway::config::DEFAULT_MAX_UDP_PAYLOAD]
-    } else {
-        &[isthmus_gateway::config::DEFAULT_MAX_UDP_PAYLOAD]
-    };
-    for &mtu in sizes {
-        println!("\nQUIC maxUdpPayload = {mtu}\n");
-        run(mtu, quick);
-    }
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(isthmus_gateway::config::DEFAULT_MAX_UDP_PAYLOAD);
+    println!("\nQUIC maxUdpPayload = {mtu}\n");
+    run(mtu, quick);
 }
 
 fn run(max_udp_payload: u16, quick: bool) {

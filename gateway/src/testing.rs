@@ -64,6 +64,12 @@ pub struct Mesh {
     pub trust: Arc<TrustStore>,
 }
 
+impl Default for Mesh {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Mesh {
     pub fn new() -> Self {
         let clusters = vec![
