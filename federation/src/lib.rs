@@ -1,7 +1,14 @@
 //! The per-cluster federation controller (`isthmus controller`).
 //!
-//! This crate holds the controller's configuration schema today; sources,
-//! export, peering, the federation protocol, import and the config stream
-//! are built on it by the Federation issue.
+//! Built so far: the configuration schema, the objects it reads, and the
+//! `files` source behind the watch-style source interface. Export,
+//! peering, the federation protocol, import and the config stream come
+//! next (see docs/architecture.md).
 
 pub mod config;
+pub mod objects;
+pub mod source;
+
+/// Directory (under a cluster's manifest directory) where the files sink
+/// writes imported ServiceEntries; the files source never reads it.
+pub const IMPORTS_DIR: &str = "isthmus-imports";

@@ -1,0 +1,336 @@
+//! The Kubernetes objects a controller reads, parsed once at the boundary
+//! into domain types. Errors name the object and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+/// The kinds a source delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    ServiceExport,
+    Node,
+    DestinationRule,
+    VirtualService,
+    PeerAuthentication,
+    AuthorizationPolicy,
+}
+
+impl Kind {
+    fn from_manifest(api_version: &str, kind: &str) -> Option<Self> {
+        let group = api_version.split_once('/').map_or("", |(g, _)| g);
+        Some(match (group, kind) {
+            ("", "Service") => Kind::Service,
+            ("", "Node") => Kind::Node,
+            ("discovery.k8s.io", "EndpointSlice") => Kind::EndpointSlice,
+            ("multicluster.x-k8s.io", "ServiceExport") => Kind::ServiceExport,
+            ("networking.istio.io", "DestinationRule") => Kind::DestinationRule,
+            ("networking.istio.io", "VirtualService") => Kind::VirtualService,
+            ("security.istio.io", "PeerAuthentication") => Kind::PeerAuthentication,
+            ("security.istio.io", "AuthorizationPolicy") => Kind::AuthorizationPolicy,
+            _ => return None,
+        })
+    }
+
+    /// Cluster-scoped kinds have no namespace.
+    pub fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
+}
+
+/// Identifies an object within a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{:?} {}", self.kind, self.name)
+        } else {
+            write!(f, "{:?} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePortSpec {
+    pub name: String,
+    pub port: u16,
+    /// Numeric target port; a named target port resolves through the
+    /// EndpointSlice's ports.
+    pub target_port: Option<u16>,
+    pub protocol: String,
+    pub app_protocol: String,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub zone: String,
+    pub node_name: String,
+    /// Pod (or demo instance) name from `targetRef`.
+    pub target: String,
+    /// The pod's labels, for DestinationRule subsets. Kubernetes
+    /// EndpointSlices do not carry them; the kube source fills them from
+    /// the pods, and in files mode they are written on the endpoint as
+    /// `labels:` (or `targetRef.labels:`), an Isthmus extension.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What an object says, by kind.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Body {
+    Service {
+        ports: Vec<ServicePortSpec>,
+    },
+    EndpointSlice {
+        /// The Service it belongs to (`kubernetes.io/service-name`).
+        service: String,
+        ports: BTreeMap<String, u16>,
+        endpoints: Vec<SliceEndpoint>,
+    },
+    ServiceExport,
+    Node {
+        region: String,
+        zone: String,
+    },
+    /// Istio policy: the spec travels as JSON (see architecture.md).
+    Policy {
+        api_version: String,
+        spec: Value,
+        generation: u64,
+    },
+}
+
+/// A parsed object.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Object {
+    pub key: ObjectKey,
+    /// `metadata.creationTimestamp` (RFC 3339), empty if unset: the oldest
+    /// ServiceExport wins a conflict.
+    pub created: String,
+    pub labels: BTreeMap<String, String>,
+    pub body: Body,
+}
+
+/// Parses one manifest. `Ok(None)` for kinds a controller does not read
+/// (Deployments, ConfigMaps, the ServiceEntries it writes itself).
+pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or("apiVersion is missing")?;
+    let kind_s = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("kind is missing")?;
+    let Some(kind) = Kind::from_manifest(api_version, kind_s) else {
+        return Ok(None);
+    };
+    let meta = doc
+        .get("metadata")
+        .ok_or_else(|| format!("{kind_s}: metadata is missing"))?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("{kind_s}: metadata.name is missing"))?;
+    let namespace = if kind.namespaced() {
+        meta.get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_owned()
+    } else {
+        String::new()
+    };
+    let key = ObjectKey {
+        kind,
+        namespace,
+        name: name.to_owned(),
+    };
+    let err = |field: &str, what: &str| format!("{key}: {field} {what}");
+    let labels: BTreeMap<String, String> = meta
+        .get("labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = doc.get("spec");
+    let body = match kind {
+        Kind::Service => {
+            let ports = spec
+                .and_then(|s| s.get("ports"))
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    err(
+                        "spec.ports",
+                        "is missing; a Service needs at least one port",
+                    )
+                })?;
+            let mut out = Vec::new();
+            for (i, p) in ports.iter().enumerate() {
+                let port = p
+                    .get("port")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        err(
+                            &format!("spec.ports[{i}].port"),
+                            "must be a number from 1 to 65535",
+                        )
+                    })?;
+                let target_port =
+                    match p.get("targetPort") {
+                        None => Some(port),
+                        Some(Value::Number(n)) => {
+                            Some(n.as_u64().and_then(|n| u16::try_from(n).ok()).ok_or_else(
+                                || err(&format!("spec.ports[{i}].targetPort"), "is out of range"),
+                            )?)
+                        }
+                        Some(Value::String(_)) => None,
+                        Some(_) => {
+                            return Err(err(
+                                &format!("spec.ports[{i}].targetPort"),
+                                "must be a number or a port name",
+                            ));
+                        }
+                    };
+                let s = |k: &str, d: &str| p.get(k).and_then(Value::as_str).unwrap_or(d).to_owned();
+                out.push(ServicePortSpec {
+                    name: s("name", ""),
+                    port,
+                    target_port,
+                    protocol: s("protocol", "TCP"),
+                    app_protocol: s("appProtocol", ""),
+                });
+            }
+            Body::Service { ports: out }
+        }
+        Kind::EndpointSlice => {
+            let service = labels
+                .get("kubernetes.io/service-name")
+                .cloned()
+                .ok_or_else(|| {
+                    err(
+                        "metadata.labels",
+                        "lacks kubernetes.io/service-name; which Service is this slice for?",
+                    )
+                })?;
+            let ports = doc
+                .get("ports")
+                .and_then(Value::as_array)
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| {
+                            let n = u16::try_from(p.get("port")?.as_u64()?).ok()?;
+                            Some((
+                                p.get("name")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_owned(),
+                                n,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut endpoints = Vec::new();
+            for (i, e) in doc
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let mut addresses = Vec::new();
+                for a in e
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let ip: IpAddr = a.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                        err(
+                            &format!("endpoints[{i}].addresses"),
+                            &format!("has {a}, not an IP address"),
+                        )
+                    })?;
+                    addresses.push(ip);
+                }
+                if addresses.is_empty() {
+                    return Err(err(&format!("endpoints[{i}].addresses"), "is empty"));
+                }
+                let cond = e.get("conditions");
+                // Kubernetes: a nil `ready` means ready.
+                let ready = cond
+                    .and_then(|c| c.get("ready"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_owned();
+                endpoints.push(SliceEndpoint {
+                    addresses,
+                    ready,
+                    zone: s(e.get("zone")),
+                    node_name: s(e.get("nodeName")),
+                    target: s(e.get("targetRef").and_then(|t| t.get("name"))),
+                    labels: e
+                        .get("labels")
+                        .or_else(|| e.get("targetRef").and_then(|t| t.get("labels")))
+                        .and_then(Value::as_object)
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            Body::EndpointSlice {
+                service,
+                ports,
+                endpoints,
+            }
+        }
+        Kind::ServiceExport => Body::ServiceExport,
+        Kind::Node => Body::Node {
+            region: labels
+                .get("topology.kubernetes.io/region")
+                .cloned()
+                .unwrap_or_default(),
+            zone: labels
+                .get("topology.kubernetes.io/zone")
+                .cloned()
+                .unwrap_or_default(),
+        },
+        _ => Body::Policy {
+            api_version: api_version.to_owned(),
+            spec: spec.cloned().ok_or_else(|| err("spec", "is missing"))?,
+            generation: meta.get("generation").and_then(Value::as_u64).unwrap_or(0),
+        },
+    };
+    Ok(Some(Object {
+        key,
+        created: meta
+            .get("creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        labels,
+        body,
+    }))
+}

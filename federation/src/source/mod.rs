@@ -1,0 +1,156 @@
+//! Where a controller reads its cluster from, behind one watch-style
+//! interface modelled on kube-rs's watcher: an initial list
+//! (`Init`, `InitApply`…, `InitDone`), then changes (`Apply`, `Delete`),
+//! and from time to time a full resync (another `Init`…`InitDone`).
+//!
+//! [`Store`] applies the events. A list is applied sync-then-swap: the new
+//! set is built aside and replaces the old one whole at `InitDone`, so
+//! consumers never see a half-listed cluster (never remove-then-add), and
+//! objects missing from a resync are garbage: `Delete` events lost while a
+//! watch was down do not leave stale objects behind.
+
+pub mod files;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::objects::{Object, ObjectKey};
+
+/// One event from a source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A full list starts.
+    Init,
+    /// An object of the list in progress.
+    InitApply(Arc<Object>),
+    /// The list is complete.
+    InitDone,
+    /// An object was created or changed.
+    Apply(Arc<Object>),
+    /// An object was deleted.
+    Delete(ObjectKey),
+}
+
+/// The objects of one cluster, as of the last event.
+pub type Objects = BTreeMap<ObjectKey, Arc<Object>>;
+
+/// Applies a source's events and publishes the result.
+#[derive(Debug)]
+pub struct Store {
+    current: Objects,
+    listing: Option<Objects>,
+    tx: watch::Sender<Arc<Objects>>,
+    /// Whether a first list has completed.
+    ready: bool,
+}
+
+impl Store {
+    /// A store and the receiver consumers watch. The receiver sees the
+    /// first state only after the first complete list.
+    pub fn new() -> (Self, watch::Receiver<Arc<Objects>>) {
+        let (tx, rx) = watch::channel(Arc::new(Objects::new()));
+        (
+            Self {
+                current: Objects::new(),
+                listing: None,
+                tx,
+                ready: false,
+            },
+            rx,
+        )
+    }
+
+    /// Whether the first list has completed.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Applies one event; publishes when the visible state changed.
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::Init => self.listing = Some(Objects::new()),
+            Event::InitApply(o) => {
+                self.listing
+                    .get_or_insert_with(Objects::new)
+                    .insert(o.key.clone(), o);
+            }
+            Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let changed = !self.ready || listed != self.current;
+                self.current = listed;
+                self.ready = true;
+                if changed {
+                    self.publish();
+                }
+            }
+            Event::Apply(o) => {
+                if self.current.get(&o.key) != Some(&o) {
+                    self.current.insert(o.key.clone(), o);
+                    self.publish_if_ready();
+                }
+            }
+            Event::Delete(key) => {
+                if self.current.remove(&key).is_some() {
+                    self.publish_if_ready();
+                }
+            }
+        }
+    }
+
+    fn publish_if_ready(&self) {
+        if self.ready {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        self.tx.send_replace(Arc::new(self.current.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{Body, Kind};
+
+    fn obj(name: &str) -> Arc<Object> {
+        Arc::new(Object {
+            key: ObjectKey {
+                kind: Kind::ServiceExport,
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            created: String::new(),
+            labels: Default::default(),
+            body: Body::ServiceExport,
+        })
+    }
+
+    #[test]
+    fn a_resync_swaps_whole_and_drops_what_it_no_longer_lists() {
+        let (mut store, rx) = Store::new();
+        store.apply(Event::Init);
+        store.apply(Event::InitApply(obj("a")));
+        // Nothing visible mid-list.
+        assert!(rx.borrow().is_empty());
+        store.apply(Event::InitApply(obj("b")));
+        store.apply(Event::InitDone);
+        assert_eq!(rx.borrow().len(), 2);
+
+        // A resync that no longer lists "a": the old state stays visible
+        // until the list is done, then "a" is gone.
+        store.apply(Event::Init);
+        store.apply(Event::InitApply(obj("b")));
+        assert_eq!(rx.borrow().len(), 2);
+        store.apply(Event::InitDone);
+        let names: Vec<_> = rx.borrow().keys().map(|k| k.name.clone()).collect();
+        assert_eq!(names, ["b"]);
+
+        store.apply(Event::Apply(obj("c")));
+        store.apply(Event::Delete(obj("b").key.clone()));
+        let names: Vec<_> = rx.borrow().keys().map(|k| k.name.clone()).collect();
+        assert_eq!(names, ["c"]);
+    }
+}
