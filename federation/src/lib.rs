@@ -5,7 +5,9 @@
 //! peering, the federation protocol, import and the config stream come
 //! next (see docs/architecture.md).
 
+pub mod catalog;
 pub mod config;
+pub mod import;
 pub mod objects;
 pub mod source;
 

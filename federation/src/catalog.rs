@@ -1,0 +1,232 @@
+//! From a cluster's objects to its services, and to the catalogue each
+//! peer may see.
+//!
+//! A Service is exported when a ServiceExport of the same namespace and
+//! name exists; a peer's export policy narrows which exports it sees. The
+//! catalogue carries ports and endpoint *counts* per label set and
+//! locality, never addresses.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use isthmus_core::model::{
+    Endpoint, EndpointGroup, LocalService, Locality, ServiceKey, ServicePort,
+};
+
+use crate::objects::{Body, Kind, ObjectKey};
+use crate::source::Objects;
+
+/// A service as exported to peers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Export {
+    pub key: ServiceKey,
+    pub ports: Vec<ServicePort>,
+    pub groups: Vec<EndpointGroup>,
+    /// The ServiceExport's creationTimestamp (RFC 3339): oldest wins.
+    pub created: String,
+}
+
+/// Which exports a peer may see (`peers[].exportTo` in the config).
+/// Empty lists mean everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportPolicy {
+    pub namespaces: BTreeSet<String>,
+    pub services: BTreeSet<ServiceKey>,
+}
+
+impl ExportPolicy {
+    pub fn allows(&self, key: &ServiceKey) -> bool {
+        (self.namespaces.is_empty() && self.services.is_empty())
+            || self.namespaces.contains(&key.namespace)
+            || self.services.contains(key)
+    }
+}
+
+/// This cluster's services and exports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Catalog {
+    pub services: BTreeMap<ServiceKey, Arc<LocalService>>,
+    pub exports: BTreeMap<ServiceKey, Arc<Export>>,
+}
+
+impl Catalog {
+    /// Builds the catalogue. `cluster_locality` fills in a region when no
+    /// Node says one.
+    pub fn build(objects: &Objects, cluster_locality: &Locality) -> Self {
+        let nodes: BTreeMap<&str, (&str, &str)> = objects
+            .values()
+            .filter_map(|o| match &o.body {
+                Body::Node { region, zone } => {
+                    Some((o.key.name.as_str(), (region.as_str(), zone.as_str())))
+                }
+                _ => None,
+            })
+            .collect();
+        // Zone → region, from the nodes, for endpoints that name only a zone.
+        let zone_region: BTreeMap<&str, &str> = nodes.values().map(|(r, z)| (*z, *r)).collect();
+
+        let mut services = BTreeMap::new();
+        for o in objects.values() {
+            let Body::Service { ports } = &o.body else {
+                continue;
+            };
+            let key = ServiceKey::new(&o.key.namespace, &o.key.name);
+            let mut slice_ports: BTreeMap<String, u16> = BTreeMap::new();
+            let mut endpoints = Vec::new();
+            for s in objects.values() {
+                let Body::EndpointSlice {
+                    service,
+                    ports: sp,
+                    endpoints: eps,
+                } = &s.body
+                else {
+                    continue;
+                };
+                if s.key.namespace != key.namespace || *service != key.name {
+                    continue;
+                }
+                slice_ports.extend(sp.iter().map(|(k, v)| (k.clone(), *v)));
+                for e in eps {
+                    let (region, zone) = match nodes.get(e.node_name.as_str()) {
+                        Some((r, z)) => (
+                            r.to_string(),
+                            if e.zone.is_empty() {
+                                z.to_string()
+                            } else {
+                                e.zone.clone()
+                            },
+                        ),
+                        None => (
+                            zone_region
+                                .get(e.zone.as_str())
+                                .map_or(cluster_locality.region.clone(), |r| r.to_string()),
+                            e.zone.clone(),
+                        ),
+                    };
+                    for addr in &e.addresses {
+                        endpoints.push(Endpoint {
+                            address: *addr,
+                            ports: sp.clone(),
+                            ready: e.ready,
+                            locality: Locality {
+                                region: region.clone(),
+                                zone: zone.clone(),
+                                subzone: String::new(),
+                            },
+                            labels: e.labels.clone(),
+                            workload: e.target.clone(),
+                        });
+                    }
+                }
+            }
+            let ports = ports
+                .iter()
+                .map(|p| ServicePort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    target_port: p
+                        .target_port
+                        .or_else(|| slice_ports.get(&p.name).copied())
+                        .unwrap_or(p.port),
+                    protocol: p.protocol.clone(),
+                })
+                .collect();
+            services.insert(
+                key.clone(),
+                LocalService {
+                    key,
+                    ports,
+                    endpoints,
+                    exported_to: BTreeSet::new(),
+                },
+            );
+        }
+
+        let mut exports = BTreeMap::new();
+        for o in objects
+            .values()
+            .filter(|o| o.key.kind == Kind::ServiceExport)
+        {
+            let key = ServiceKey::new(&o.key.namespace, &o.key.name);
+            let Some(svc) = services.get(&key) else {
+                continue;
+            };
+            let mut groups: BTreeMap<(Locality, BTreeMap<String, String>), (u32, u32)> =
+                BTreeMap::new();
+            for e in &svc.endpoints {
+                let g = groups
+                    .entry((e.locality.clone(), e.labels.clone()))
+                    .or_default();
+                g.1 += 1;
+                if e.ready {
+                    g.0 += 1;
+                }
+            }
+            exports.insert(
+                key.clone(),
+                Arc::new(Export {
+                    key,
+                    ports: svc.ports.clone(),
+                    groups: groups
+                        .into_iter()
+                        .map(|((locality, labels), (healthy, total))| EndpointGroup {
+                            locality,
+                            labels,
+                            healthy,
+                            total,
+                        })
+                        .collect(),
+                    created: o.created.clone(),
+                }),
+            );
+        }
+        Self {
+            services: services
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+            exports,
+        }
+    }
+
+    /// The exports `policy` lets a peer see.
+    pub fn for_peer(&self, policy: &ExportPolicy) -> BTreeMap<ServiceKey, Arc<Export>> {
+        self.exports
+            .iter()
+            .filter(|(k, _)| policy.allows(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Local services with `exported_to` filled in for the given peers'
+    /// policies (what the gateway checks on ingress).
+    pub fn with_export_targets<'a>(
+        &self,
+        peers: impl IntoIterator<Item = (&'a str, &'a ExportPolicy)> + Clone,
+    ) -> BTreeMap<ServiceKey, Arc<LocalService>> {
+        self.services
+            .iter()
+            .map(|(k, svc)| {
+                let mut s = (**svc).clone();
+                if self.exports.contains_key(k) {
+                    s.exported_to = peers
+                        .clone()
+                        .into_iter()
+                        .filter(|(_, p)| p.allows(k))
+                        .map(|(n, _)| n.to_owned())
+                        .collect();
+                }
+                (k.clone(), Arc::new(s))
+            })
+            .collect()
+    }
+}
+
+/// The ServiceExport object key of a service.
+pub fn export_key(key: &ServiceKey) -> ObjectKey {
+    ObjectKey {
+        kind: Kind::ServiceExport,
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
+}
