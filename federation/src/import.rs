@@ -55,12 +55,15 @@ fn port_signature(ports: &[ServicePort]) -> BTreeSet<(u16, String)> {
         .collect()
 }
 
+/// One cluster's export of a service: (cluster, export, the peer's
+/// catalogue, or `None` for this cluster).
+type Exporter<'a> = (&'a str, &'a Export, Option<&'a PeerCatalog>);
+
 /// Merges the peers' catalogues. `local` is this cluster's own exports
 /// (name, catalogue), which take part in conflict resolution but are not
 /// imported.
 pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCatalog]) -> Imports {
-    let mut by_service: BTreeMap<&ServiceKey, Vec<(&str, &Export, Option<&PeerCatalog>)>> =
-        BTreeMap::new();
+    let mut by_service: BTreeMap<&ServiceKey, Vec<Exporter<'_>>> = BTreeMap::new();
     for (k, e) in local.1 {
         by_service.entry(k).or_default().push((local.0, e, None));
     }
