@@ -418,6 +418,16 @@ impl FromField for u64 {
     }
 }
 
+/// A list of strings.
+impl FromField for Vec<String> {
+    const EXPECTED: &'static str = "a list of strings";
+    fn from_field(v: &Value) -> Result<Self, FieldProblem> {
+        v.as_array()
+            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect())
+            .ok_or_else(|| mismatch::<Self>(v))
+    }
+}
+
 impl FromField for SocketAddr {
     const EXPECTED: &'static str = "an address like 127.0.0.1:15012 or [::1]:15012";
     fn from_field(v: &Value) -> Result<Self, FieldProblem> {

@@ -47,6 +47,9 @@ impl ExportPolicy {
 pub struct Catalog {
     pub services: BTreeMap<ServiceKey, Arc<LocalService>>,
     pub exports: BTreeMap<ServiceKey, Arc<Export>>,
+    /// Built from a complete list of the source (the default value, before
+    /// the first list, is not).
+    pub listed: bool,
 }
 
 impl Catalog {
@@ -186,6 +189,7 @@ impl Catalog {
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
             exports,
+            listed: true,
         }
     }
 

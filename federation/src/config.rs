@@ -19,12 +19,22 @@ pub const DEFAULT_DASHBOARD_ADDR: &str = "0.0.0.0:15080";
 /// plane becomes unreachable, before it is withdrawn.
 pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
 
+/// Default heartbeat interval on federation streams; a peer silent for
+/// three intervals is disconnected, and marked stale after two.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// A linked peer cluster (written by `isthmus link apply`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PeerConfig {
     pub name: ClusterName,
+    /// The peer controller's federation address (host:port).
     pub address: String,
     pub trust_domain: TrustDomain,
+    /// PEM file with the peer's trust bundle (roots), if known; the
+    /// federation stream refreshes it.
+    pub trust_bundle: Option<PathBuf>,
+    /// What this peer may see of our exports.
+    pub export_to: crate::catalog::ExportPolicy,
 }
 
 /// The controller's whole configuration.
@@ -41,6 +51,7 @@ pub struct ControllerConfig {
     /// Where peers reach this cluster's gateway (host:port).
     pub gateway_address: String,
     pub stale_lease: Duration,
+    pub heartbeat: Duration,
     pub peers: Vec<PeerConfig>,
     pub admin: AdminSection,
 }
@@ -64,6 +75,7 @@ impl FromConfig for ControllerConfig {
         listen.finish();
         let gateway_address = r.required("gatewayAddress");
         let stale_lease = r.or("staleLease", DEFAULT_STALE_LEASE);
+        let heartbeat = r.or("heartbeatInterval", DEFAULT_HEARTBEAT);
         let peers: Vec<Option<PeerConfig>> = r
             .list("peers")
             .iter()
@@ -73,11 +85,36 @@ impl FromConfig for ControllerConfig {
                     p.required("address"),
                     p.required("trustDomain"),
                 );
+                let trust_bundle = p.optional("trustBundle");
+                let e = p.object("exportTo");
+                let namespaces: Vec<String> = e.or("namespaces", Vec::new());
+                let services: Vec<String> = e.or("services", Vec::new());
+                let mut policy = crate::catalog::ExportPolicy {
+                    namespaces: namespaces.into_iter().collect(),
+                    ..Default::default()
+                };
+                for s in services {
+                    match s.split_once('/') {
+                        Some((ns, n)) if !ns.is_empty() && !n.is_empty() => {
+                            policy
+                                .services
+                                .insert(isthmus_core::model::ServiceKey::new(ns, n));
+                        }
+                        _ => e.error(
+                            "services",
+                            format!("{s:?} is not namespace/name"),
+                            "write services as namespace/name, e.g. sample/helloworld",
+                        ),
+                    }
+                }
+                e.finish();
                 p.finish();
                 Some(PeerConfig {
                     name: name?,
                     address: address?,
                     trust_domain: trust_domain?,
+                    trust_bundle,
+                    export_to: policy,
                 })
             })
             .collect();
@@ -91,6 +128,7 @@ impl FromConfig for ControllerConfig {
             dashboard_addr,
             gateway_address: gateway_address?,
             stale_lease,
+            heartbeat,
             peers: peers.into_iter().collect::<Option<_>>()?,
             admin: admin?,
         })
@@ -113,6 +151,16 @@ impl FromConfig for ControllerConfig {
                     fix: "keep one entry per peer".into(),
                 });
             }
+        }
+        if self.heartbeat < Duration::from_millis(50) || self.heartbeat * 3 > self.stale_lease {
+            errors.push(FieldError {
+                path: "heartbeatInterval".into(),
+                message: format!(
+                    "{:?} must be at least 50ms and a third of staleLease at most",
+                    self.heartbeat
+                ),
+                fix: "use e.g. 1s (the default)".into(),
+            });
         }
         if self.stale_lease < Duration::from_secs(1) {
             errors.push(FieldError {

@@ -258,3 +258,80 @@ impl FilesSink {
         Ok(report)
     }
 }
+
+/// Reads back the ServiceEntries a previous run wrote, as each exporting
+/// cluster's catalogue (ports, locality, weight as healthy count). A
+/// restarted controller starts from these, marked stale, so it neither
+/// loses imports nor rewrites files before peers have re-synced; a peer
+/// that never comes back is withdrawn after the lease as usual.
+pub fn seed(sink: &FilesSink) -> BTreeMap<String, (Locality, BTreeMap<ServiceKey, Arc<Export>>)> {
+    let mut out: BTreeMap<String, (Locality, BTreeMap<ServiceKey, Arc<Export>>)> = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(sink.dir()) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if !text.contains(&format!("{}: {}", MANAGED_BY.0, MANAGED_BY.1)) {
+            continue;
+        }
+        let Ok(se) = serde_saphyr::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let Some((key, _)) = se["spec"]["hosts"][0]
+            .as_str()
+            .and_then(ServiceKey::from_host)
+        else {
+            continue;
+        };
+        let ports: Vec<ServicePort> = se["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let port = u16::try_from(p["number"].as_u64()?).ok()?;
+                Some(ServicePort {
+                    name: p["name"].as_str().unwrap_or("").to_owned(),
+                    port,
+                    target_port: port,
+                    protocol: if p["protocol"] == "UDP" {
+                        "UDP".into()
+                    } else {
+                        "TCP".into()
+                    },
+                })
+            })
+            .collect();
+        for ep in se["spec"]["endpoints"].as_array().into_iter().flatten() {
+            let Some(cluster) = ep["labels"]["topology.istio.io/cluster"].as_str() else {
+                continue;
+            };
+            let mut parts = ep["locality"].as_str().unwrap_or("").split('/');
+            let locality = Locality {
+                region: parts.next().unwrap_or("").to_owned(),
+                zone: parts.next().unwrap_or("").to_owned(),
+                subzone: parts.next().unwrap_or("").to_owned(),
+            };
+            let weight = ep["weight"].as_u64().unwrap_or(1) as u32;
+            let slot = out
+                .entry(cluster.to_owned())
+                .or_insert_with(|| (locality.clone(), BTreeMap::new()));
+            slot.1.insert(
+                key.clone(),
+                Arc::new(Export {
+                    key: key.clone(),
+                    ports: ports.clone(),
+                    groups: vec![isthmus_core::model::EndpointGroup {
+                        locality: locality.clone(),
+                        labels: Default::default(),
+                        healthy: weight,
+                        total: weight,
+                    }],
+                    created: String::new(),
+                }),
+            );
+        }
+    }
+    out
+}

@@ -5,11 +5,17 @@
 //! peering, the federation protocol, import and the config stream come
 //! next (see docs/architecture.md).
 
+pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod controller;
 pub mod import;
 pub mod objects;
+pub mod peer;
 pub mod source;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod transport;
 
 /// Directory (under a cluster's manifest directory) where the files sink
 /// writes imported ServiceEntries; the files source never reads it.

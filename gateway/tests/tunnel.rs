@@ -172,7 +172,23 @@ async fn the_server_sees_the_clients_own_identity_end_to_end() {
     assert_eq!(seen, Some(t.mesh.get("east").workload_id("sleep")));
 
     // Both sides count the connection with Istio's labels.
-    let m = scrape(t.gws["east"].0.metrics_addr).await;
+    // Byte counts are recorded when the connection closes (as ztunnel
+    // does); the close travels through both gateways after the client
+    // hangs up.
+    let east_metrics = t.gws["east"].0.metrics_addr;
+    assert_eventually(
+        "east to record the closed connection",
+        Duration::from_secs(5),
+        async || {
+            metric(
+                &scrape(east_metrics).await,
+                "istio_tcp_connections_closed_total",
+                &[],
+            ) == 1.0
+        },
+    )
+    .await;
+    let m = scrape(east_metrics).await;
     assert_eq!(
         metric(
             &m,

@@ -1,0 +1,318 @@
+//! Builds a controller: binds every listener first (port conflicts fail
+//! at startup), then starts the source, the federation server and
+//! dialers, and the reconciler.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::admin::{self, AdminState, BoundServer, ConfigDump};
+use isthmus_core::drain::{self, DrainOutcome, DrainTrigger};
+use isthmus_core::identity::verify::Expect;
+use isthmus_core::identity::{SpiffeId, TrustStore};
+use isthmus_core::model::MeshState;
+use isthmus_core::readiness::Ready;
+use isthmus_core::telemetry::LogControl;
+use isthmus_proto::federation::v1::peer_federation_server::PeerFederationServer;
+use rustls::client::ResolvesClientCert;
+use rustls::server::ResolvesServerCert;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{Instrument, info, info_span};
+
+use crate::catalog::Catalog;
+use crate::config::ControllerConfig;
+use crate::controller::{FederationService, Metrics, Shared, dial_loop, reconcile_loop};
+use crate::import::{FilesSink, seed};
+use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus};
+use crate::source::Store;
+use crate::source::files::FilesSource;
+
+/// A certificate usable as TLS server and client.
+pub trait CertSource: ResolvesServerCert + ResolvesClientCert {}
+impl<T: ResolvesServerCert + ResolvesClientCert> CertSource for T {}
+
+/// What a controller needs from outside: its certificate
+/// (`spiffe://<td>/cluster/<name>/controller`) and the trust bundles of
+/// its own and its peers' trust domains.
+pub struct Deps {
+    pub certs: Arc<dyn CertSource>,
+    pub trust: Arc<TrustStore>,
+    pub logs: Option<LogControl>,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps")
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct Bound {
+    pub federation_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub ready: Ready,
+    pub shared: Arc<Shared>,
+    /// The merged view for the config stream.
+    pub mesh: watch::Receiver<Arc<MeshState>>,
+    trigger: DrainTrigger,
+    quit: mpsc::Receiver<String>,
+}
+
+struct StatusDump(Arc<Shared>);
+impl ConfigDump for StatusDump {
+    fn name(&self) -> &str {
+        "peers"
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.status()).unwrap_or_default()
+    }
+}
+
+struct ConflictDump(Arc<Shared>);
+impl ConfigDump for ConflictDump {
+    fn name(&self) -> &str {
+        "conflicts"
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.0.conflicts.lock().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_default()
+    }
+}
+
+struct MeshDump(watch::Receiver<Arc<MeshState>>);
+impl ConfigDump for MeshDump {
+    fn name(&self) -> &str {
+        "mesh"
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(&**self.0.borrow()).unwrap_or_default()
+    }
+}
+
+/// Binds and starts a controller.
+pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound> {
+    isthmus_core::tls::install_crypto_provider();
+    let ready = Ready::new();
+    let first_list = ready.register("first list of the cluster's manifests");
+    let (trigger, drain) = drain::new();
+    let mut registry = isthmus_core::metrics::new_registry("controller");
+    let metrics = Metrics::register(&mut registry);
+    let gateway: SocketAddr = config.gateway_address.parse().with_context(|| {
+        format!("gatewayAddress {:?} must be an IP:port (the local gateway's address for ServiceEntry endpoints)", config.gateway_address)
+    })?;
+
+    let listener = TcpListener::bind(config.federation_addr).await.with_context(|| {
+        format!("cannot bind the federation listener to {}; is another controller running? (listen.federation)", config.federation_addr)
+    })?;
+    let federation_addr = listener.local_addr()?;
+
+    // Source → store → catalogue.
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    tokio::spawn(
+        FilesSource::new(&config.source_dir)
+            .run(events_tx)
+            .instrument(info_span!("source", dir = %config.source_dir.display())),
+    );
+    let (mut store, mut objects) = Store::new();
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+    let locality = config.cluster.locality.clone();
+    tokio::spawn(async move {
+        let mut first = Some(first_list);
+        loop {
+            tokio::select! {
+                e = events_rx.recv() => match e {
+                    Some(e) => store.apply(e),
+                    None => return,
+                },
+                _ = objects.changed() => {
+                    let cat = Catalog::build(&objects.borrow_and_update(), &locality);
+                    catalog_tx.send_replace(Arc::new(cat));
+                    first.take();
+                }
+            }
+        }
+    });
+
+    // Peers, seeded from what a previous run wrote.
+    let sink = FilesSink::new(&config.source_dir);
+    let mut seeded = seed(&sink);
+    let mut peers = BTreeMap::new();
+    for p in &config.peers {
+        let state = PeerState::new(
+            &p.name.0,
+            &p.address,
+            p.trust_domain.clone(),
+            p.export_to.clone(),
+        );
+        if let Some((locality, exports)) = seeded.remove(&p.name.0) {
+            let mut i = state.lock();
+            i.locality = locality;
+            i.imports = Some(exports);
+            // Not stale yet: like any disconnected peer, it becomes stale
+            // only if it does not reconnect within two heartbeats, so a
+            // quick restart rewrites nothing.
+            i.disconnected_since = Some(tokio::time::Instant::now());
+        }
+        peers.insert(p.name.0.clone(), Arc::new(state));
+    }
+
+    let shared = Arc::new(Shared {
+        cluster: config.cluster.name.0.clone(),
+        trust_domain: config.cluster.trust_domain.clone(),
+        locality: config.cluster.locality.clone(),
+        gateway_address: config.gateway_address.clone(),
+        epoch: hex::encode(rand::random::<[u8; 8]>()),
+        heartbeat: config.heartbeat,
+        lease: config.stale_lease,
+        trust: deps.trust.clone(),
+        catalog: catalog_rx,
+        peers,
+        changed: Arc::new(Notify::new()),
+        shutdown: drain.signal(),
+        metrics,
+        conflicts: Default::default(),
+    });
+
+    // Federation server: only configured peers' controllers get in.
+    let allowed: BTreeSet<SpiffeId> = shared
+        .peers
+        .values()
+        .filter_map(|p| SpiffeId::controller(&p.trust_domain, &p.name).ok())
+        .collect();
+    let server_tls = isthmus_core::tls::server_config(
+        deps.certs.clone(),
+        deps.trust.clone(),
+        Some(Expect::OneOf(Arc::new(RwLock::new(allowed)))),
+        &[],
+    );
+    let service = PeerFederationServer::new(FederationService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let stop = shared.shutdown.clone();
+    let server_drain = drain.clone();
+    tokio::spawn(
+        async move {
+            let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    crate::transport::incoming(listener, server_tls),
+                    async move { stop.signaled().await },
+                );
+            if let Err(e) = server_drain.release_after(served).await {
+                tracing::warn!(error = %e, "federation server stopped with an error");
+            }
+        }
+        .instrument(info_span!("federation_server")),
+    );
+
+    // Dial the peers whose names sort after ours.
+    for peer in shared
+        .peers
+        .values()
+        .filter(|p| p.name > shared.cluster)
+        .cloned()
+    {
+        let certs = deps.certs.clone();
+        let trust = deps.trust.clone();
+        tokio::spawn(
+            dial_loop(shared.clone(), peer.clone(), move |expect| {
+                isthmus_core::tls::client_config(
+                    Some(certs.clone()),
+                    trust.clone(),
+                    Expect::Exactly(expect.clone()),
+                    &[],
+                )
+            })
+            .instrument(info_span!("federation", peer.cluster = %peer.name, side = "client")),
+        );
+    }
+
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshState::default()));
+    tokio::spawn(
+        reconcile_loop(shared.clone(), sink, gateway, mesh_tx).instrument(info_span!("reconcile")),
+    );
+
+    let (quit_tx, quit) = mpsc::channel(1);
+    let admin_srv = BoundServer::bind(
+        "admin",
+        config.admin.admin,
+        admin::admin_router(AdminState {
+            component: "controller",
+            sections: Arc::new(vec![
+                Arc::new(StatusDump(shared.clone())) as Arc<dyn ConfigDump>,
+                Arc::new(ConflictDump(shared.clone())),
+                Arc::new(MeshDump(mesh_rx.clone())),
+            ]),
+            logs: deps.logs,
+            quit: quit_tx,
+        }),
+    )
+    .await?;
+    let metrics_srv = BoundServer::bind(
+        "metrics",
+        config.admin.metrics,
+        admin::metrics_router(Arc::new(registry)),
+    )
+    .await?;
+    let ready_srv = BoundServer::bind(
+        "readiness",
+        config.admin.readiness,
+        admin::readiness_router(ready.clone()),
+    )
+    .await?;
+    let (admin_addr, metrics_addr, readiness_addr) = (
+        admin_srv.local_addr(),
+        metrics_srv.local_addr(),
+        ready_srv.local_addr(),
+    );
+    admin_srv.spawn(drain.clone());
+    metrics_srv.spawn(drain.clone());
+    ready_srv.spawn(drain.clone());
+    drop(drain);
+    info!(cluster = %config.cluster.name, federation = %federation_addr, peers = shared.peers.len(), "controller running");
+    Ok(Bound {
+        federation_addr,
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        ready,
+        shared,
+        mesh: mesh_rx,
+        trigger,
+        quit,
+    })
+}
+
+impl Bound {
+    /// Per-peer status, as `isthmus status` shows it.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.shared.status()
+    }
+
+    /// Says goodbye to peers and stops.
+    pub async fn shutdown(self, deadline: Duration) -> DrainOutcome {
+        self.trigger.start_drain_and_wait(deadline).await
+    }
+
+    /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down.
+    pub async fn wait_termination(mut self, deadline: Duration) -> DrainOutcome {
+        let why = tokio::select! {
+            s = isthmus_core::signal::shutdown_requested() => s.to_owned(),
+            q = self.quit.recv() => q.unwrap_or_else(|| "admin".into()),
+        };
+        info!(reason = %why, "shutting down");
+        self.shutdown(deadline).await
+    }
+}

@@ -1,0 +1,691 @@
+//! One federation session with a peer controller, the same code on both
+//! ends of the stream (see `proto/.../federation.proto` for the order).
+//!
+//! Outbound, this side sends its catalogue as filtered for the peer: a
+//! snapshot, or, when the peer's `Hello` resumes from a revision of this
+//! process's epoch still in history, only the deltas after it. Inbound, a
+//! snapshot replaces the peer's catalogue whole (sync-then-swap) and a
+//! delta must carry the next revision of the same epoch, or the stream is
+//! closed and the next session starts from a snapshot.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use isthmus_core::identity::{TrustBundle, TrustDomain};
+use isthmus_core::model::{EndpointGroup, Locality, ServiceKey, ServicePort};
+use isthmus_proto::common::v1 as pbc;
+use isthmus_proto::federation::v1::{self as pb, goodbye::Reason, peer_message::Message};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::catalog::{Export, ExportPolicy};
+use crate::controller::Shared;
+
+/// Largest message accepted or sent on a federation stream.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Deltas kept per peer for resuming.
+pub const HISTORY: usize = 256;
+/// Sessions ending within this time of starting count as flaps.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(10);
+
+/// A configured peer and what is known of it.
+#[derive(Debug)]
+pub struct PeerState {
+    pub name: String,
+    pub address: String,
+    pub trust_domain: TrustDomain,
+    pub policy: ExportPolicy,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    /// The peer's exports to us; `None` before the first sync and after
+    /// withdrawal.
+    pub imports: Option<BTreeMap<ServiceKey, Arc<Export>>>,
+    pub locality: Locality,
+    pub gateway: String,
+    pub applied: Option<(String, u64)>,
+    pub connected: bool,
+    pub session: u64,
+    pub stale: bool,
+    pub last_full_sync: Option<SystemTime>,
+    pub last_event: Option<SystemTime>,
+    pub last_disconnect: Option<(SystemTime, String)>,
+    pub disconnected_since: Option<Instant>,
+    pub out_revision: u64,
+    pub out_sent: BTreeMap<ServiceKey, Arc<Export>>,
+    pub out_history: VecDeque<pb::Delta>,
+    pub out_acked: u64,
+    pub flaps: u32,
+}
+
+/// What `isthmus status` shows of one peer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub cluster: String,
+    pub address: String,
+    pub connected: bool,
+    pub stale: bool,
+    pub last_full_sync: Option<String>,
+    pub last_event: Option<String>,
+    pub last_disconnect: Option<String>,
+    pub last_disconnect_reason: Option<String>,
+    pub exported: usize,
+    pub imported: usize,
+    /// Revisions sent but not yet acknowledged.
+    pub revision_lag: u64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl PeerState {
+    pub fn new(name: &str, address: &str, trust_domain: TrustDomain, policy: ExportPolicy) -> Self {
+        Self {
+            name: name.into(),
+            address: address.into(),
+            trust_domain,
+            policy,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn status(&self) -> PeerStatus {
+        let i = self.lock();
+        PeerStatus {
+            cluster: self.name.clone(),
+            address: self.address.clone(),
+            connected: i.connected,
+            stale: i.stale,
+            last_full_sync: i.last_full_sync.map(rfc3339),
+            last_event: i.last_event.map(rfc3339),
+            last_disconnect: i.last_disconnect.as_ref().map(|(t, _)| rfc3339(*t)),
+            last_disconnect_reason: i.last_disconnect.as_ref().map(|(_, r)| r.clone()),
+            exported: i.out_sent.len(),
+            imported: i.imports.as_ref().map_or(0, |m| m.len()),
+            revision_lag: i.out_revision.saturating_sub(i.out_acked),
+        }
+    }
+
+    /// How long to wait before dialing again: 100 ms after a session that
+    /// lasted, doubling per flap up to 30 s (flapping peers are damped).
+    pub(crate) fn redial_delay(&self) -> Duration {
+        let flaps = self.lock().flaps.min(8);
+        (Duration::from_millis(100) * 2u32.pow(flaps)).min(Duration::from_secs(30))
+    }
+}
+
+// --- conversions at the boundary ---
+
+fn locality_to_pb(l: &Locality) -> pbc::Locality {
+    pbc::Locality {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        subzone: l.subzone.clone(),
+    }
+}
+
+fn locality_from_pb(l: Option<pbc::Locality>) -> Locality {
+    l.map(|l| Locality {
+        region: l.region,
+        zone: l.zone,
+        subzone: l.subzone,
+    })
+    .unwrap_or_default()
+}
+
+fn export_to_pb(e: &Export) -> pb::ExportedService {
+    pb::ExportedService {
+        key: Some(pbc::ServiceKey {
+            namespace: e.key.namespace.clone(),
+            name: e.key.name.clone(),
+        }),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone(),
+                port: u32::from(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: String::new(),
+            })
+            .collect(),
+        endpoints: e
+            .groups
+            .iter()
+            .map(|g| pb::EndpointGroup {
+                locality: Some(locality_to_pb(&g.locality)),
+                labels: g.labels.clone().into_iter().collect(),
+                healthy: g.healthy,
+                total: g.total,
+            })
+            .collect(),
+        export_created_unix: time::OffsetDateTime::parse(
+            &e.created,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| t.unix_timestamp())
+        .unwrap_or(0),
+    }
+}
+
+fn key_from_pb(k: Option<pbc::ServiceKey>) -> Result<ServiceKey, String> {
+    let k = k.ok_or("service without a key")?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if !label(&k.namespace) || !label(&k.name) {
+        return Err(format!(
+            "service key {}/{} is not two DNS labels",
+            k.namespace, k.name
+        ));
+    }
+    Ok(ServiceKey::new(&k.namespace, &k.name))
+}
+
+fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
+    let key = key_from_pb(s.key)?;
+    let mut ports = Vec::new();
+    for p in s.ports {
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{key}: port {} out of range", p.port))?;
+        ports.push(ServicePort {
+            name: p.name,
+            port,
+            target_port: port,
+            protocol: p.protocol,
+        });
+    }
+    let groups = s
+        .endpoints
+        .into_iter()
+        .map(|g| EndpointGroup {
+            locality: locality_from_pb(g.locality),
+            labels: g.labels.into_iter().collect(),
+            healthy: g.healthy.min(g.total),
+            total: g.total,
+        })
+        .collect();
+    let created = if s.export_created_unix > 0 {
+        time::OffsetDateTime::from_unix_timestamp(s.export_created_unix)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(Export {
+        key,
+        ports,
+        groups,
+        created,
+    })
+}
+
+fn bundle_to_pb(b: &TrustBundle) -> pbc::TrustBundle {
+    pbc::TrustBundle {
+        trust_domain: b.trust_domain.to_string(),
+        roots_der: b.roots.iter().map(|r| r.as_ref().to_vec()).collect(),
+        sequence: b.sequence,
+        refresh_hint_seconds: 300,
+    }
+}
+
+fn msg(m: Message) -> pb::PeerMessage {
+    pb::PeerMessage { message: Some(m) }
+}
+
+fn goodbye(reason: Reason, detail: &str) -> pb::PeerMessage {
+    msg(Message::Goodbye(pb::Goodbye {
+        reason: reason as i32,
+        detail: detail.to_owned(),
+    }))
+}
+
+/// Runs one session until it ends; returns why it ended.
+pub(crate) async fn session<S>(
+    shared: Arc<Shared>,
+    peer: Arc<PeerState>,
+    tx: mpsc::Sender<pb::PeerMessage>,
+    mut rx: S,
+) -> String
+where
+    S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
+{
+    let started = Instant::now();
+    let generation = {
+        let mut i = peer.lock();
+        i.session += 1;
+        i.session
+    };
+    let reason = run(&shared, &peer, generation, &tx, &mut rx).await;
+    {
+        let mut i = peer.lock();
+        if i.session == generation {
+            i.connected = false;
+            i.disconnected_since = Some(Instant::now());
+            i.last_disconnect = Some((SystemTime::now(), reason.clone()));
+            if started.elapsed() < FLAP_WINDOW {
+                i.flaps += 1;
+            } else {
+                i.flaps = 0;
+            }
+        }
+    }
+    shared
+        .metrics
+        .terminations
+        .get_or_create(&crate::controller::ReasonLabel {
+            reason: classify(&reason),
+        })
+        .inc();
+    shared.changed.notify_one();
+    info!(peer.cluster = %peer.name, %reason, "federation session ended");
+    reason
+}
+
+/// A stable label for a termination reason.
+fn classify(reason: &str) -> String {
+    let r = reason.to_ascii_lowercase();
+    for (needle, label) in [
+        ("too large", "message_too_large"),
+        ("heartbeat", "heartbeat_timeout"),
+        ("malformed", "malformed"),
+        ("protocol", "protocol_violation"),
+        ("identity", "identity_mismatch"),
+        ("replaced", "replaced"),
+        ("goodbye", "peer_goodbye"),
+        ("closed", "closed"),
+        ("shutting down", "shutdown"),
+    ] {
+        if r.contains(needle) {
+            return label.into();
+        }
+    }
+    "stream_error".into()
+}
+
+async fn send(tx: &mpsc::Sender<pb::PeerMessage>, m: pb::PeerMessage) -> Result<(), String> {
+    tx.send(m).await.map_err(|_| "stream closed".to_string())
+}
+
+async fn run<S>(
+    shared: &Arc<Shared>,
+    peer: &Arc<PeerState>,
+    generation: u64,
+    tx: &mpsc::Sender<pb::PeerMessage>,
+    rx: &mut S,
+) -> String
+where
+    S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
+{
+    let hb = shared.heartbeat;
+    let (resume_epoch, resume_revision) = peer.lock().applied.clone().unwrap_or_default();
+    let hello = pb::Hello {
+        protocol_version: pb::PROTOCOL_VERSION,
+        cluster_name: shared.cluster.clone(),
+        trust_domain: shared.trust_domain.to_string(),
+        locality: Some(locality_to_pb(&shared.locality)),
+        gateway_address: shared.gateway_address.clone(),
+        epoch: shared.epoch.clone(),
+        resume_epoch,
+        resume_revision,
+        max_message_bytes: MAX_MESSAGE_BYTES as u32,
+        heartbeat_interval_ms: hb.as_millis() as u32,
+    };
+    if let Err(e) = send(tx, msg(Message::Hello(hello))).await {
+        return e;
+    }
+    // Their Hello first.
+    let theirs = match tokio::time::timeout(hb * 3, rx.next()).await {
+        Ok(Some(Ok(pb::PeerMessage {
+            message: Some(Message::Hello(h)),
+        }))) => h,
+        Ok(Some(Ok(_))) => {
+            let _ = tx
+                .send(goodbye(
+                    Reason::ProtocolViolation,
+                    "first message must be Hello",
+                ))
+                .await;
+            return "protocol violation: first message was not Hello".into();
+        }
+        Ok(Some(Err(s))) => return format!("stream error: {}", s.message()),
+        Ok(None) => return "stream closed before Hello".into(),
+        Err(_) => return "heartbeat timeout waiting for Hello".into(),
+    };
+    if theirs.cluster_name != peer.name || theirs.trust_domain != peer.trust_domain.as_str() {
+        let detail = format!(
+            "Hello says cluster {:?} in {:?}, but this stream belongs to peer {:?} in {:?}",
+            theirs.cluster_name,
+            theirs.trust_domain,
+            peer.name,
+            peer.trust_domain.as_str()
+        );
+        let _ = tx.send(goodbye(Reason::IdentityMismatch, &detail)).await;
+        warn!(peer.cluster = %peer.name, %detail, "peer refused: identity mismatch");
+        return format!("identity mismatch: {detail}");
+    }
+    if theirs.protocol_version != pb::PROTOCOL_VERSION {
+        let _ = tx
+            .send(goodbye(
+                Reason::ProtocolViolation,
+                "unsupported protocol version",
+            ))
+            .await;
+        return format!("protocol violation: version {}", theirs.protocol_version);
+    }
+    {
+        let mut i = peer.lock();
+        i.connected = true;
+        i.disconnected_since = None;
+        i.locality = locality_from_pb(theirs.locality.clone());
+        i.gateway = theirs.gateway_address.clone();
+        i.last_event = Some(SystemTime::now());
+    }
+    shared.changed.notify_one();
+
+    if let Some(own) = shared.trust.get(&shared.trust_domain)
+        && let Err(e) = send(tx, msg(Message::TrustBundle(bundle_to_pb(&own.bundle)))).await
+    {
+        return e;
+    }
+
+    // Our catalogue: resume or snapshot.
+    let mut catalog = shared.catalog.clone();
+    let first = {
+        let current = catalog.borrow_and_update().for_peer(&peer.policy);
+        let mut i = peer.lock();
+        let can_resume = theirs.resume_epoch == shared.epoch
+            && theirs.resume_revision <= i.out_revision
+            && (theirs.resume_revision == i.out_revision
+                || i.out_history
+                    .front()
+                    .is_some_and(|d| d.revision <= theirs.resume_revision + 1));
+        let mut out: Vec<pb::PeerMessage> = Vec::new();
+        if can_resume {
+            out.extend(
+                i.out_history
+                    .iter()
+                    .filter(|d| d.revision > theirs.resume_revision)
+                    .map(|d| msg(Message::Delta(d.clone()))),
+            );
+            if let Some(d) = delta(&shared.epoch, &mut i, &current) {
+                out.push(msg(Message::Delta(d)));
+            }
+            debug!(peer.cluster = %peer.name, from = theirs.resume_revision, deltas = out.len(), "resuming");
+        } else {
+            i.out_revision += 1;
+            i.out_history.clear();
+            i.out_sent = current.clone();
+            out.push(msg(Message::Snapshot(pb::Snapshot {
+                epoch: shared.epoch.clone(),
+                revision: i.out_revision,
+                services: current.values().map(|e| export_to_pb(e)).collect(),
+            })));
+        }
+        out
+    };
+    for m in first {
+        if let Err(e) = send(tx, m).await {
+            return e;
+        }
+    }
+
+    let mut ticker = tokio::time::interval(hb);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat_seq = 0u64;
+    let mut last_heard = Instant::now();
+    loop {
+        if peer.lock().session != generation {
+            return "replaced by a newer session".into();
+        }
+        tokio::select! {
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
+                    return "controller shutting down".into();
+                }
+                let current = catalog.borrow_and_update().for_peer(&peer.policy);
+                let d = delta(&shared.epoch, &mut peer.lock(), &current);
+                if let Some(d) = d
+                    && let Err(e) = send(tx, msg(Message::Delta(d))).await
+                {
+                    return e;
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > hb * 3 {
+                    let _ = tx.send(goodbye(Reason::HeartbeatTimeout, "no message for three heartbeat intervals")).await;
+                    return format!("heartbeat timeout: nothing heard for {:?}", last_heard.elapsed());
+                }
+                heartbeat_seq += 1;
+                let beat = pb::Heartbeat {
+                    sequence: heartbeat_seq,
+                    sent_unix_ms: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+                };
+                if let Err(e) = send(tx, msg(Message::Heartbeat(beat))).await {
+                    return e;
+                }
+            }
+            _ = shared.shutdown.signaled() => {
+                let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
+                return "controller shutting down".into();
+            }
+            next = rx.next() => {
+                last_heard = Instant::now();
+                let m = match next {
+                    None => return "peer closed the stream".into(),
+                    Some(Err(s)) => {
+                        let detail = s.message().to_owned();
+                        if detail.contains("too large") || detail.contains("length") {
+                            return format!("message too large: {detail}");
+                        }
+                        return format!("stream error: {detail}");
+                    }
+                    Some(Ok(pb::PeerMessage { message: None })) => {
+                        let _ = tx.send(goodbye(Reason::Malformed, "empty message")).await;
+                        return "malformed: empty message".into();
+                    }
+                    Some(Ok(pb::PeerMessage { message: Some(m) })) => m,
+                };
+                match handle(shared, peer, tx, m).await {
+                    Ok(()) => {}
+                    Err(reason) => return reason,
+                }
+            }
+        }
+    }
+}
+
+/// The delta from what was last sent to `current`, recorded in history.
+fn delta(
+    epoch: &str,
+    i: &mut Inner,
+    current: &BTreeMap<ServiceKey, Arc<Export>>,
+) -> Option<pb::Delta> {
+    let upserts: Vec<_> = current
+        .iter()
+        .filter(|(k, v)| i.out_sent.get(*k) != Some(*v))
+        .map(|(_, v)| export_to_pb(v))
+        .collect();
+    let removals: Vec<_> = i
+        .out_sent
+        .keys()
+        .filter(|k| !current.contains_key(*k))
+        .map(|k| pbc::ServiceKey {
+            namespace: k.namespace.clone(),
+            name: k.name.clone(),
+        })
+        .collect();
+    if upserts.is_empty() && removals.is_empty() {
+        return None;
+    }
+    i.out_revision += 1;
+    i.out_sent = current.clone();
+    let d = pb::Delta {
+        epoch: epoch.to_owned(),
+        revision: i.out_revision,
+        upserts,
+        removals,
+    };
+    i.out_history.push_back(d.clone());
+    while i.out_history.len() > HISTORY {
+        i.out_history.pop_front();
+    }
+    Some(d)
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: &Arc<PeerState>,
+    tx: &mpsc::Sender<pb::PeerMessage>,
+    m: Message,
+) -> Result<(), String> {
+    let ack = |epoch: String, revision: u64| {
+        msg(Message::Ack(pb::Ack {
+            epoch,
+            revision,
+            error: String::new(),
+        }))
+    };
+    match m {
+        Message::Snapshot(s) => {
+            // Build the new set completely before swapping it in.
+            let mut next = BTreeMap::new();
+            for svc in s.services {
+                match export_from_pb(svc) {
+                    Ok(e) => {
+                        next.insert(e.key.clone(), Arc::new(e));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
+                        return Err(format!("malformed snapshot: {e}"));
+                    }
+                }
+            }
+            {
+                let mut i = peer.lock();
+                i.imports = Some(next);
+                i.applied = Some((s.epoch.clone(), s.revision));
+                i.stale = false;
+                i.last_full_sync = Some(SystemTime::now());
+                i.last_event = Some(SystemTime::now());
+            }
+            shared.changed.notify_one();
+            send(tx, ack(s.epoch, s.revision)).await
+        }
+        Message::Delta(d) => {
+            let expected = peer.lock().applied.clone();
+            match expected {
+                Some((epoch, rev)) if epoch == d.epoch && d.revision == rev + 1 => {}
+                other => {
+                    let detail = format!(
+                        "delta {}:{} does not follow {:?}",
+                        d.epoch, d.revision, other
+                    );
+                    let _ = tx.send(goodbye(Reason::ProtocolViolation, &detail)).await;
+                    return Err(format!("protocol violation: {detail}"));
+                }
+            }
+            let mut upserts = Vec::new();
+            for svc in d.upserts {
+                match export_from_pb(svc) {
+                    Ok(e) => upserts.push(e),
+                    Err(e) => {
+                        let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
+                        return Err(format!("malformed delta: {e}"));
+                    }
+                }
+            }
+            let mut removals = Vec::new();
+            for k in d.removals {
+                match key_from_pb(Some(k)) {
+                    Ok(k) => removals.push(k),
+                    Err(e) => {
+                        let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
+                        return Err(format!("malformed delta: {e}"));
+                    }
+                }
+            }
+            {
+                let mut i = peer.lock();
+                let imports = i.imports.get_or_insert_with(BTreeMap::new);
+                for e in upserts {
+                    imports.insert(e.key.clone(), Arc::new(e));
+                }
+                for k in removals {
+                    imports.remove(&k);
+                }
+                i.applied = Some((d.epoch.clone(), d.revision));
+                i.stale = false;
+                i.last_event = Some(SystemTime::now());
+            }
+            shared.changed.notify_one();
+            send(tx, ack(d.epoch, d.revision)).await
+        }
+        Message::Ack(a) => {
+            if !a.error.is_empty() {
+                warn!(peer.cluster = %peer.name, revision = a.revision, error = %a.error, "peer could not apply a revision");
+            }
+            let mut i = peer.lock();
+            if a.epoch == shared.epoch {
+                i.out_acked = i.out_acked.max(a.revision);
+            }
+            Ok(())
+        }
+        Message::Heartbeat(_) => Ok(()),
+        Message::TrustBundle(b) => {
+            if b.trust_domain != peer.trust_domain.as_str() {
+                let detail = format!(
+                    "bundle for {:?} from peer of {:?}",
+                    b.trust_domain,
+                    peer.trust_domain.as_str()
+                );
+                let _ = tx.send(goodbye(Reason::IdentityMismatch, &detail)).await;
+                return Err(format!("identity mismatch: {detail}"));
+            }
+            let bundle = TrustBundle::new(
+                peer.trust_domain.clone(),
+                b.roots_der
+                    .into_iter()
+                    .map(rustls_pki_types::CertificateDer::from)
+                    .collect(),
+                b.sequence,
+            );
+            match shared.trust.upsert(bundle) {
+                Ok(outcome) => debug!(peer.cluster = %peer.name, ?outcome, "peer trust bundle"),
+                Err(e) => {
+                    warn!(peer.cluster = %peer.name, error = %e, "peer sent an unusable trust bundle; keeping the one held")
+                }
+            }
+            Ok(())
+        }
+        Message::Goodbye(g) => Err(format!("goodbye from peer: {:?} {}", g.reason(), g.detail)),
+        Message::Hello(_) => {
+            let _ = tx
+                .send(goodbye(Reason::ProtocolViolation, "second Hello"))
+                .await;
+            Err("protocol violation: second Hello".into())
+        }
+    }
+}
