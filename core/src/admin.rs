@@ -90,6 +90,38 @@ impl BoundServer {
     }
 }
 
+/// GETs `path` from an admin, metrics or readiness server (HTTP/1.1,
+/// one request); returns the body of a 2xx answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut raw),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let status: u16 = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    if !(200..300).contains(&status) {
+        return Err(std::io::Error::other(format!(
+            "{path} answered {status}: {}",
+            body.trim()
+        )));
+    }
+    Ok(body.to_owned())
+}
+
 /// `/healthz/ready`: 200 `ready`, or 503 naming the pending blockers.
 pub fn readiness_router(ready: Ready) -> Router {
     Router::new()

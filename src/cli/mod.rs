@@ -5,6 +5,8 @@ use isthmus_core::telemetry::LogFormat;
 
 mod ca;
 mod config;
+mod controller;
+mod status;
 
 /// Isthmus: one service mesh across several Kubernetes clusters.
 #[derive(Debug, Parser)]
@@ -29,12 +31,21 @@ pub enum Command {
     /// Check configuration files.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Run a cluster's federation controller.
+    Controller(controller::ControllerArgs),
+    /// Show what a controller knows of its peers.
+    Status(status::StatusArgs),
 }
 
 /// Runs one command.
-pub fn run(command: Command) -> anyhow::Result<()> {
+pub fn run(
+    command: Command,
+    logs: Option<isthmus_core::telemetry::LogControl>,
+) -> anyhow::Result<()> {
     match command {
         Command::Ca(c) => ca::run(c),
         Command::Config(c) => config::run(c),
+        Command::Controller(c) => controller::run(c, logs),
+        Command::Status(c) => status::run(c),
     }
 }

@@ -1,0 +1,91 @@
+//! `isthmus status`: what a controller knows of its peers.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use isthmus_federation::peer::PeerStatus;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The controller's admin address (loopback, port 15000 by default).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub controller: SocketAddr,
+    #[arg(short = 'o', long, default_value = "table")]
+    pub output: Output,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = rt
+        .block_on(isthmus_core::admin::http_get(args.controller, "/config_dump"))
+        .with_context(|| format!("cannot reach the controller's admin API at {}; is it running, and is this its admin address?", args.controller))?;
+    let dump: serde_json::Value =
+        serde_json::from_str(&body).context("the admin API answered something that is not JSON")?;
+    if dump["component"] != "controller" {
+        bail!(
+            "{} is the admin API of a {}, not a controller",
+            args.controller,
+            dump["component"]
+        );
+    }
+    let peers: Vec<PeerStatus> =
+        serde_json::from_value(dump["peers"].clone()).context("unexpected peers section")?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "peers": peers, "conflicts": dump["conflicts"] })
+            )?
+        ),
+        Output::Table => {
+            println!(
+                "{:<12} {:<10} {:<6} {:<21} {:<21} {:>8} {:>8} {:>4}  LAST DISCONNECT",
+                "CLUSTER",
+                "CONNECTED",
+                "STALE",
+                "LAST FULL SYNC",
+                "LAST EVENT",
+                "EXPORTED",
+                "IMPORTED",
+                "LAG"
+            );
+            for p in &peers {
+                let disconnect = match (&p.last_disconnect, &p.last_disconnect_reason) {
+                    (Some(t), Some(r)) => format!("{t} ({r})"),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<12} {:<10} {:<6} {:<21} {:<21} {:>8} {:>8} {:>4}  {}",
+                    p.cluster,
+                    if p.connected { "yes" } else { "no" },
+                    if p.stale { "yes" } else { "no" },
+                    p.last_full_sync.as_deref().unwrap_or("-"),
+                    p.last_event.as_deref().unwrap_or("-"),
+                    p.exported,
+                    p.imported,
+                    p.revision_lag,
+                    disconnect
+                );
+            }
+            if let Some(c) = dump["conflicts"].as_array().filter(|c| !c.is_empty()) {
+                println!("\nexport conflicts:");
+                for c in c {
+                    println!(
+                        "  {}: {} wins, {} left out: {}",
+                        c["service"], c["winner"], c["excluded"], c["reason"]
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
