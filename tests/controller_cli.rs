@@ -77,6 +77,19 @@ impl Cluster {
     }
 
     fn write_config(&self, peer: &Cluster, region: &str) -> PathBuf {
+        self.write_config_with(Some(peer), region)
+    }
+
+    fn write_config_with(&self, peer: Option<&Cluster>, region: &str) -> PathBuf {
+        let peers = match peer {
+            Some(peer) => format!(
+                "peers:\n  - name: {peer}\n    address: \"127.0.0.1:{pfed}\"\n    trustDomain: {peer}.local\n    trustBundle: {pdir}/root/root-cert.pem\n",
+                peer = peer.name,
+                pfed = peer.federation,
+                pdir = peer.dir.display()
+            ),
+            None => String::new(),
+        };
         let yaml = format!(
             r#"kind: Controller
 cluster: {{ name: {name}, trustDomain: {name}.local, locality: {{ region: {region} }} }}
@@ -86,19 +99,11 @@ listen: {{ federation: "127.0.0.1:{fed}" }}
 gatewayAddress: "127.0.0.1:15443"
 heartbeatInterval: 200ms
 staleLease: 3s
-peers:
-  - name: {peer}
-    address: "127.0.0.1:{pfed}"
-    trustDomain: {peer}.local
-    trustBundle: {pdir}/root/root-cert.pem
-admin: {{ admin: "127.0.0.1:{admin}", metrics: "127.0.0.1:0", readiness: "127.0.0.1:0" }}
+{peers}admin: {{ admin: "127.0.0.1:{admin}", metrics: "127.0.0.1:0", readiness: "127.0.0.1:0" }}
 "#,
             name = self.name,
             dir = self.dir.display(),
             fed = self.federation,
-            peer = peer.name,
-            pfed = peer.federation,
-            pdir = peer.dir.display(),
             admin = self.admin,
         );
         let path = self.dir.join("controller.yaml");
@@ -223,5 +228,112 @@ fn controllers_as_processes_federate_and_status_tells_the_truth_through_a_kill()
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot reach the controller's admin API")
+    );
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn clusters_link_with_a_one_time_token_and_bad_tokens_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Cluster::new(root.path(), "east");
+    let west = Cluster::new(root.path(), "west");
+    let eu = Cluster::new(root.path(), "eu");
+    std::fs::write(west.dir.join("manifests/helloworld.yaml"), HELLOWORLD).unwrap();
+    let east_cfg = east.write_config_with(None, "us-east1");
+    let west_cfg = west.write_config_with(None, "us-west1");
+    let eu_cfg = eu.write_config_with(None, "europe-west1");
+    let _e = east.start(&east_cfg);
+    let _w = west.start(&west_cfg);
+    let _u = eu.start(&eu_cfg);
+
+    let token = stdout(&isthmus(&[
+        "link",
+        "create",
+        "--config",
+        east_cfg.to_str().unwrap(),
+    ]));
+    assert!(token.starts_with("isthmus1."), "{token}");
+    stdout(&isthmus(&[
+        "link",
+        "apply",
+        "--config",
+        west_cfg.to_str().unwrap(),
+        &token,
+    ]));
+    eventually(
+        "east imports west's helloworld after linking",
+        Duration::from_secs(20),
+        || east.service_entry().exists(),
+    );
+    let s = east.status().unwrap();
+    assert_eq!(s["peers"][0]["cluster"], "west");
+    assert_eq!(s["peers"][0]["connected"], true);
+
+    // The same token again, from eu: refused as reused.
+    stdout(&isthmus(&[
+        "link",
+        "apply",
+        "--config",
+        eu_cfg.to_str().unwrap(),
+        &token,
+    ]));
+    eventually("eu's link refused", Duration::from_secs(20), || {
+        eu.status().is_some_and(|s| {
+            s["pending_links"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("already used"))
+        })
+    });
+    assert!(
+        east.status().unwrap()["peers"].as_array().unwrap().len() == 1,
+        "eu must not become east's peer"
+    );
+
+    // Tampered and expired tokens are refused by `link apply` itself.
+    let mut bad = token.clone().into_bytes();
+    let i = bad.len() / 2;
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    let out = isthmus(&[
+        "link",
+        "apply",
+        "--config",
+        eu_cfg.to_str().unwrap(),
+        &String::from_utf8(bad).unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tampered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let short = stdout(&isthmus(&[
+        "link",
+        "create",
+        "--config",
+        east_cfg.to_str().unwrap(),
+        "--ttl",
+        "1s",
+    ]));
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = isthmus(&[
+        "link",
+        "apply",
+        "--config",
+        eu_cfg.to_str().unwrap(),
+        &short,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -8,8 +8,11 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::ResolvesServerCert;
 use rustls::{ClientConfig, ServerConfig};
 
+use crate::identity::SpiffeId;
 use crate::identity::TrustStore;
-use crate::identity::verify::{Expect, SpiffeClientVerifier, SpiffeServerVerifier};
+use crate::identity::verify::{
+    Expect, PinnedRootVerifier, SpiffeClientVerifier, SpiffeServerVerifier,
+};
 
 static INSTALL: Once = Once::new();
 
@@ -56,6 +59,45 @@ pub fn server_config(
     // would still get in, and rotated certificates would never be shown.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
+    cfg
+}
+
+/// Like [`server_config`] with client certificates optional: a presented
+/// certificate is verified in full, but anonymous clients get in (for
+/// first-contact RPCs such as link; every other handler must demand an
+/// identity).
+pub fn server_config_optional_clients(
+    certs: Arc<dyn ResolvesServerCert>,
+    store: Arc<TrustStore>,
+    clients: Expect,
+    alpn: &[&[u8]],
+) -> ServerConfig {
+    let provider = provider();
+    let verifier = SpiffeClientVerifier::new(store, clients, &provider).optional();
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(certs);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg
+}
+
+/// A client config for first contact: the server is trusted only through
+/// the root fingerprint pinned by a link token. No client certificate.
+pub fn pinned_client_config(fingerprint: &str, expect: SpiffeId, alpn: &[&[u8]]) -> ClientConfig {
+    let provider = provider();
+    let verifier = PinnedRootVerifier::new(fingerprint, expect, &provider);
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.resumption = rustls::client::Resumption::disabled();
     cfg
 }
 

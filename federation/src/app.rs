@@ -2,7 +2,7 @@
 //! at startup), then starts the source, the federation server and
 //! dialers, and the reconciler.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use anyhow::Context;
 use isthmus_core::admin::{self, AdminState, BoundServer, ConfigDump};
 use isthmus_core::drain::{self, DrainOutcome, DrainTrigger};
 use isthmus_core::identity::verify::Expect;
-use isthmus_core::identity::{SpiffeId, TrustStore};
+use isthmus_core::identity::{SpiffeId, TrustBundle, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::readiness::Ready;
 use isthmus_core::telemetry::LogControl;
@@ -24,8 +24,11 @@ use tracing::{Instrument, info, info_span};
 
 use crate::catalog::Catalog;
 use crate::config::ControllerConfig;
-use crate::controller::{FederationService, Metrics, Shared, dial_loop, reconcile_loop};
+use crate::controller::{
+    ClientTls, FederationService, Metrics, Shared, peers_loop, reconcile_loop,
+};
 use crate::import::{FilesSink, seed};
+use crate::link::{PeerFile, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus};
 use crate::source::Store;
 use crate::source::files::FilesSource;
@@ -87,6 +90,21 @@ impl ConfigDump for ConflictDump {
     }
 }
 
+struct LinksDump(std::path::PathBuf);
+impl ConfigDump for LinksDump {
+    fn name(&self) -> &str {
+        "pending_links"
+    }
+    fn dump(&self) -> serde_json::Value {
+        let pending: Vec<_> = PeerFile::load_all(&self.0)
+            .into_iter()
+            .filter(|f| f.pending_token.is_some())
+            .map(|f| serde_json::json!({"cluster": f.name, "address": f.address, "error": f.link_error}))
+            .collect();
+        serde_json::Value::Array(pending)
+    }
+}
+
 struct MeshDump(watch::Receiver<Arc<MeshState>>);
 impl ConfigDump for MeshDump {
     fn name(&self) -> &str {
@@ -141,29 +159,9 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         }
     });
 
-    // Peers, seeded from what a previous run wrote.
-    let sink = FilesSink::new(&config.source_dir);
-    let mut seeded = seed(&sink);
-    let mut peers = BTreeMap::new();
-    for p in &config.peers {
-        let state = PeerState::new(
-            &p.name.0,
-            &p.address,
-            p.trust_domain.clone(),
-            p.export_to.clone(),
-        );
-        if let Some((locality, exports)) = seeded.remove(&p.name.0) {
-            let mut i = state.lock();
-            i.locality = locality;
-            i.imports = Some(exports);
-            // Not stale yet: like any disconnected peer, it becomes stale
-            // only if it does not reconnect within two heartbeats, so a
-            // quick restart rewrites nothing.
-            i.disconnected_since = Some(tokio::time::Instant::now());
-        }
-        peers.insert(p.name.0.clone(), Arc::new(state));
-    }
-
+    let allowed: Arc<RwLock<BTreeSet<SpiffeId>>> = Arc::default();
+    let client_certs = deps.certs.clone();
+    let client_trust = deps.trust.clone();
     let shared = Arc::new(Shared {
         cluster: config.cluster.name.0.clone(),
         trust_domain: config.cluster.trust_domain.clone(),
@@ -174,23 +172,31 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         lease: config.stale_lease,
         trust: deps.trust.clone(),
         catalog: catalog_rx,
-        peers,
+        peers: RwLock::default(),
+        allowed: allowed.clone(),
+        state_dir: config.state_dir.clone(),
+        tokens: TokenStore::new(&config.state_dir),
+        advertised: config.advertised(),
+        client_tls: ClientTls(Box::new(move |expect| {
+            isthmus_core::tls::client_config(
+                Some(client_certs.clone()),
+                client_trust.clone(),
+                Expect::Exactly(expect.clone()),
+                &[],
+            )
+        })),
         changed: Arc::new(Notify::new()),
         shutdown: drain.signal(),
         metrics,
         conflicts: Default::default(),
     });
 
-    // Federation server: only configured peers' controllers get in.
-    let allowed: BTreeSet<SpiffeId> = shared
-        .peers
-        .values()
-        .filter_map(|p| SpiffeId::controller(&p.trust_domain, &p.name).ok())
-        .collect();
-    let server_tls = isthmus_core::tls::server_config(
+    // Federation server: peers' controllers get in with mTLS; anonymous
+    // clients only reach `Link`.
+    let server_tls = isthmus_core::tls::server_config_optional_clients(
         deps.certs.clone(),
         deps.trust.clone(),
-        Some(Expect::OneOf(Arc::new(RwLock::new(allowed)))),
+        Expect::OneOf(allowed),
         &[],
     );
     let service = PeerFederationServer::new(FederationService {
@@ -217,27 +223,53 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         .instrument(info_span!("federation_server")),
     );
 
-    // Dial the peers whose names sort after ours.
-    for peer in shared
+    // Peers from the config and from earlier links, seeded from the
+    // ServiceEntries a previous run wrote.
+    let sink = FilesSink::new(&config.source_dir);
+    let mut seeded = seed(&sink);
+    let mut initial: Vec<(PeerState, Option<TrustBundle>)> = config
         .peers
-        .values()
-        .filter(|p| p.name > shared.cluster)
-        .cloned()
+        .iter()
+        .map(|p| {
+            (
+                PeerState::new(
+                    &p.name.0,
+                    &p.address,
+                    p.trust_domain.clone(),
+                    p.export_to.clone(),
+                ),
+                None,
+            )
+        })
+        .collect();
+    for f in PeerFile::load_all(&config.state_dir)
+        .into_iter()
+        .filter(|f| f.pending_token.is_none())
     {
-        let certs = deps.certs.clone();
-        let trust = deps.trust.clone();
-        tokio::spawn(
-            dial_loop(shared.clone(), peer.clone(), move |expect| {
-                isthmus_core::tls::client_config(
-                    Some(certs.clone()),
-                    trust.clone(),
-                    Expect::Exactly(expect.clone()),
-                    &[],
-                )
-            })
-            .instrument(info_span!("federation", peer.cluster = %peer.name, side = "client")),
-        );
+        let Ok(td) = isthmus_core::identity::TrustDomain::new(&f.trust_domain) else {
+            continue;
+        };
+        let roots =
+            isthmus_core::identity::pem::certs_from_pem(&f.trust_bundle_pem).unwrap_or_default();
+        let bundle = (!roots.is_empty()).then(|| TrustBundle::new(td.clone(), roots, 1));
+        initial.push((
+            PeerState::new(&f.name, &f.address, td, Default::default()),
+            bundle,
+        ));
     }
+    for (state, bundle) in initial {
+        if let Some((locality, exports)) = seeded.remove(&state.name) {
+            let mut i = state.lock();
+            i.locality = locality;
+            i.imports = Some(exports);
+            // Not stale yet: like any disconnected peer, it becomes stale
+            // only if it does not reconnect within two heartbeats, so a
+            // quick restart rewrites nothing.
+            i.disconnected_since = Some(tokio::time::Instant::now());
+        }
+        shared.add_peer(state, bundle);
+    }
+    tokio::spawn(peers_loop(shared.clone()).instrument(info_span!("peers")));
 
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshState::default()));
     tokio::spawn(
@@ -253,6 +285,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             sections: Arc::new(vec![
                 Arc::new(StatusDump(shared.clone())) as Arc<dyn ConfigDump>,
                 Arc::new(ConflictDump(shared.clone())),
+                Arc::new(LinksDump(config.state_dir.clone())),
                 Arc::new(MeshDump(mesh_rx.clone())),
             ]),
             logs: deps.logs,
@@ -281,7 +314,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     metrics_srv.spawn(drain.clone());
     ready_srv.spawn(drain.clone());
     drop(drain);
-    info!(cluster = %config.cluster.name, federation = %federation_addr, peers = shared.peers.len(), "controller running");
+    info!(cluster = %config.cluster.name, federation = %federation_addr, peers = shared.peers().len(), "controller running");
     Ok(Bound {
         federation_addr,
         admin_addr,

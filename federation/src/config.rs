@@ -50,10 +50,25 @@ pub struct ControllerConfig {
     pub dashboard_addr: SocketAddr,
     /// Where peers reach this cluster's gateway (host:port).
     pub gateway_address: String,
+    /// Where peers reach this controller (host:port); defaults to the
+    /// federation listen address when that is not 0.0.0.0 / [::].
+    pub advertise_address: Option<String>,
+    /// Where the controller keeps link tokens and linked peers.
+    pub state_dir: PathBuf,
     pub stale_lease: Duration,
     pub heartbeat: Duration,
     pub peers: Vec<PeerConfig>,
     pub admin: AdminSection,
+}
+
+impl ControllerConfig {
+    /// The address peers dial, if one is known.
+    pub fn advertised(&self) -> Option<String> {
+        self.advertise_address.clone().or_else(|| {
+            (!self.federation_addr.ip().is_unspecified() && self.federation_addr.port() != 0)
+                .then(|| self.federation_addr.to_string())
+        })
+    }
 }
 
 impl FromConfig for ControllerConfig {
@@ -74,6 +89,8 @@ impl FromConfig for ControllerConfig {
         );
         listen.finish();
         let gateway_address = r.required("gatewayAddress");
+        let advertise_address = r.optional("advertiseAddress");
+        let state_dir: Option<PathBuf> = r.optional("stateDir");
         let stale_lease = r.or("staleLease", DEFAULT_STALE_LEASE);
         let heartbeat = r.or("heartbeatInterval", DEFAULT_HEARTBEAT);
         let peers: Vec<Option<PeerConfig>> = r
@@ -122,11 +139,14 @@ impl FromConfig for ControllerConfig {
         Some(Self {
             cluster: cluster?,
             ca_dir: ca_dir?,
-            source_dir: source_dir?,
+            source_dir: source_dir.clone()?,
             federation_addr,
             local_addr,
             dashboard_addr,
             gateway_address: gateway_address?,
+            advertise_address,
+            state_dir: state_dir
+                .unwrap_or_else(|| source_dir.clone().unwrap_or_default().join(".isthmus")),
             stale_lease,
             heartbeat,
             peers: peers.into_iter().collect::<Option<_>>()?,

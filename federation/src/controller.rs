@@ -2,15 +2,17 @@
 //! service, dialers, and the reconciler that turns catalogues into
 //! ServiceEntries and mesh state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use isthmus_core::drain::DrainSignal;
-use isthmus_core::identity::{Role, SpiffeId, TrustDomain, TrustStore};
+use isthmus_core::identity::{Role, SpiffeId, TrustBundle, TrustDomain, TrustStore};
 use isthmus_core::model::{Locality, MeshState, PeerGateway};
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederation;
@@ -28,6 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::catalog::Catalog;
 use crate::import::{Conflict, FilesSink, PeerCatalog, merge, service_entry};
+use crate::link::{PeerFile, Token, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus, session};
 use crate::transport::{self, PeerInfo};
 
@@ -112,7 +115,15 @@ pub struct Shared {
     pub lease: Duration,
     pub trust: Arc<TrustStore>,
     pub catalog: watch::Receiver<Arc<Catalog>>,
-    pub peers: BTreeMap<String, Arc<PeerState>>,
+    /// Configured and linked peers; linked ones appear at run time.
+    pub peers: RwLock<BTreeMap<String, Arc<PeerState>>>,
+    /// Peer controller identities the federation port accepts.
+    pub allowed: Arc<RwLock<BTreeSet<SpiffeId>>>,
+    pub state_dir: PathBuf,
+    pub tokens: TokenStore,
+    /// Where peers reach us, sent when linking.
+    pub advertised: Option<String>,
+    pub client_tls: ClientTls,
     /// Poked whenever a peer's catalogue or connection changes.
     pub changed: Arc<Notify>,
     pub shutdown: DrainSignal,
@@ -120,9 +131,69 @@ pub struct Shared {
     pub conflicts: std::sync::Mutex<Vec<Conflict>>,
 }
 
+/// Builds the client TLS config for dialing a peer controller.
+pub struct ClientTls(pub Box<dyn Fn(&SpiffeId) -> rustls::ClientConfig + Send + Sync>);
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
 impl Shared {
     pub fn status(&self) -> Vec<PeerStatus> {
-        self.peers.values().map(|p| p.status()).collect()
+        self.peers().iter().map(|p| p.status()).collect()
+    }
+
+    /// Every peer, by name.
+    pub fn peers(&self) -> Vec<Arc<PeerState>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn peer(&self, name: &str) -> Option<Arc<PeerState>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Adds a peer (configured or linked): trusts its bundle, accepts its
+    /// controller on the federation port, and dials it when our name sorts
+    /// first. Returns false if it was already known.
+    pub fn add_peer(self: &Arc<Self>, peer: PeerState, bundle: Option<TrustBundle>) -> bool {
+        if let Some(b) = bundle
+            && let Err(e) = self.trust.upsert(b)
+        {
+            warn!(peer.cluster = %peer.name, error = %e, "peer trust bundle unusable");
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if peers.contains_key(&peer.name) {
+            return false;
+        }
+        if let Ok(id) = SpiffeId::controller(&peer.trust_domain, &peer.name) {
+            self.allowed
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+        }
+        let peer = Arc::new(peer);
+        peers.insert(peer.name.clone(), peer.clone());
+        drop(peers);
+        if peer.name > self.cluster {
+            tokio::spawn(
+                dial_loop(self.clone(), peer.clone()).instrument(
+                    info_span!("federation", peer.cluster = %peer.name, side = "client"),
+                ),
+            );
+        }
+        self.changed.notify_one();
+        true
     }
 }
 
@@ -136,10 +207,79 @@ type MessageStream = Pin<Box<dyn Stream<Item = Result<PeerMessage, Status>> + Se
 
 #[tonic::async_trait]
 impl PeerFederation for FederationService {
-    async fn link(&self, _request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
-        Err(Status::unimplemented(
-            "linking with a token is not available in this build; configure the peer with its trust bundle file (peers[].trustBundle)",
-        ))
+    async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
+        let shared = &self.shared;
+        let r = request.into_inner();
+        isthmus_core::identity::spiffe::validate_cluster_name(&r.cluster_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.cluster_name == shared.cluster {
+            return Err(Status::invalid_argument(format!(
+                "a cluster cannot link to itself ({})",
+                r.cluster_name
+            )));
+        }
+        let bundle = r
+            .trust_bundle
+            .ok_or_else(|| Status::invalid_argument("link request without a trust bundle"))?;
+        let td = TrustDomain::new(&bundle.trust_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let roots: Vec<rustls_pki_types::CertificateDer<'static>> = bundle
+            .roots_der
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
+        let peer_bundle = TrustBundle::new(td.clone(), roots.clone(), bundle.sequence.max(1));
+        // Refuse an unusable bundle before spending the token.
+        TrustStore::with_bundles([peer_bundle.clone()])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        shared
+            .tokens
+            .redeem(&r.token_id, &r.token, &r.cluster_name, &r.proof)
+            .map_err(|e| {
+                warn!(joining = %r.cluster_name, error = %e, "link refused");
+                Status::permission_denied(e.to_string())
+            })?;
+        let file = PeerFile {
+            name: r.cluster_name.clone(),
+            address: r.controller_address.clone(),
+            trust_domain: td.to_string(),
+            trust_bundle_pem: roots
+                .iter()
+                .map(isthmus_core::identity::pem::cert_to_pem)
+                .collect(),
+            pending_token: None,
+            link_error: None,
+        };
+        file.write(&shared.state_dir)
+            .map_err(|e| Status::internal(format!("cannot record the peer: {e}")))?;
+        shared.add_peer(
+            PeerState::new(
+                &r.cluster_name,
+                &r.controller_address,
+                td,
+                Default::default(),
+            ),
+            Some(peer_bundle),
+        );
+        info!(peer.cluster = %r.cluster_name, address = %r.controller_address, "linked");
+        let own = shared
+            .trust
+            .get(&shared.trust_domain)
+            .ok_or_else(|| Status::internal("own trust bundle missing"))?;
+        Ok(Response::new(LinkResponse {
+            cluster_name: shared.cluster.clone(),
+            trust_bundle: Some(isthmus_proto::common::v1::TrustBundle {
+                trust_domain: own.bundle.trust_domain.to_string(),
+                roots_der: own
+                    .bundle
+                    .roots
+                    .iter()
+                    .map(|c| c.as_ref().to_vec())
+                    .collect(),
+                sequence: own.bundle.sequence,
+                refresh_hint_seconds: 300,
+            }),
+        }))
     }
 
     type FederateStream = MessageStream;
@@ -153,25 +293,29 @@ impl PeerFederation for FederationService {
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no verified peer identity"))?;
-        let cluster = match info.identity.role() {
+        let identity = info.identity.ok_or_else(|| {
+            Status::unauthenticated(
+                "federation needs a client certificate; link the clusters first",
+            )
+        })?;
+        let cluster = match identity.role() {
             Role::Controller { cluster } => cluster.to_owned(),
             _ => {
                 return Err(Status::permission_denied(format!(
-                    "{} is not a controller identity",
-                    info.identity
+                    "{identity} is not a controller identity"
                 )));
             }
         };
-        let peer = self.shared.peers.get(&cluster).cloned().ok_or_else(|| {
+        let peer = self.shared.peer(&cluster).ok_or_else(|| {
             Status::permission_denied(format!(
                 "cluster {cluster:?} is not a peer of {}; link it first",
                 self.shared.cluster
             ))
         })?;
-        if info.identity.trust_domain() != &peer.trust_domain {
+        if identity.trust_domain() != &peer.trust_domain {
             return Err(Status::permission_denied(format!(
                 "{} is not in {}'s trust domain {}",
-                info.identity, cluster, peer.trust_domain
+                identity, cluster, peer.trust_domain
             )));
         }
         let (tx, rx) = mpsc::channel(64);
@@ -186,11 +330,7 @@ impl PeerFederation for FederationService {
 
 /// Dials `peer` for as long as the controller runs (only the side whose
 /// cluster name sorts first dials, so a pair shares one stream).
-pub async fn dial_loop(
-    shared: Arc<Shared>,
-    peer: Arc<PeerState>,
-    client_tls: impl Fn(&SpiffeId) -> rustls::ClientConfig,
-) {
+pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
     let expect = match SpiffeId::controller(&peer.trust_domain, &peer.name) {
         Ok(id) => id,
         Err(e) => {
@@ -202,7 +342,8 @@ pub async fn dial_loop(
         if shared.shutdown.is_draining() {
             return;
         }
-        let reason = match transport::channel(peer.address.clone(), client_tls(&expect)) {
+        let reason = match transport::channel(peer.address.clone(), (shared.client_tls.0)(&expect))
+        {
             Err(e) => e,
             Ok(channel) => {
                 let mut client = PeerFederationClient::new(channel)
@@ -254,7 +395,8 @@ pub async fn reconcile_loop(
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
-        for p in shared.peers.values() {
+        let all_peers = shared.peers();
+        for p in &all_peers {
             let mut i = p.lock();
             if let Some(since) = i.disconnected_since {
                 let down = since.elapsed();
@@ -270,9 +412,8 @@ pub async fn reconcile_loop(
             }
         }
         let cat = catalog.borrow_and_update().clone();
-        let peers: Vec<PeerCatalog> = shared
-            .peers
-            .values()
+        let peers: Vec<PeerCatalog> = all_peers
+            .iter()
             .filter_map(|p| {
                 let i = p.lock();
                 Some(PeerCatalog {
@@ -323,7 +464,7 @@ pub async fn reconcile_loop(
             .set(imports.services.len() as i64);
         let (mut up, mut stale, mut down) = (0, 0, 0);
         let mut gateways = BTreeMap::new();
-        for p in shared.peers.values() {
+        for p in &all_peers {
             let i = p.lock();
             match (i.connected, i.stale) {
                 (true, _) => up += 1,
@@ -360,9 +501,8 @@ pub async fn reconcile_loop(
             })
             .set(down);
 
-        let policies: Vec<(&str, &crate::catalog::ExportPolicy)> = shared
-            .peers
-            .values()
+        let policies: Vec<(&str, &crate::catalog::ExportPolicy)> = all_peers
+            .iter()
             .map(|p| (p.name.as_str(), &p.policy))
             .collect();
         let next = MeshState {
@@ -391,4 +531,163 @@ pub async fn reconcile_loop(
             _ = shared.shutdown.signaled() => return,
         }
     }
+}
+
+/// Watches `<stateDir>/peers`: adds linked peers, and redeems pending
+/// link tokens (the joining side) against the issuing controller.
+pub async fn peers_loop(shared: Arc<Shared>) {
+    let mut in_progress: BTreeSet<String> = BTreeSet::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<String>(16);
+    loop {
+        while let Ok(name) = done_rx.try_recv() {
+            in_progress.remove(&name);
+        }
+        for file in PeerFile::load_all(&shared.state_dir) {
+            if let Some(token) = &file.pending_token {
+                if file.link_error.is_none() && !in_progress.contains(&file.name) {
+                    in_progress.insert(file.name.clone());
+                    let (shared, token, done) = (shared.clone(), token.clone(), done_tx.clone());
+                    let name = file.name.clone();
+                    tokio::spawn(
+                        async move {
+                            link_with(&shared, file, &token).await;
+                            let _ = done.send(name).await;
+                        }
+                        .instrument(info_span!("link")),
+                    );
+                }
+                continue;
+            }
+            if shared.peer(&file.name).is_some() {
+                continue;
+            }
+            let Ok(td) = TrustDomain::new(&file.trust_domain) else {
+                warn!(peer.cluster = %file.name, "peer file has an invalid trust domain; skipped");
+                continue;
+            };
+            let roots = isthmus_core::identity::pem::certs_from_pem(&file.trust_bundle_pem)
+                .unwrap_or_default();
+            let bundle = (!roots.is_empty()).then(|| TrustBundle::new(td.clone(), roots, 1));
+            if shared.add_peer(
+                PeerState::new(&file.name, &file.address, td, Default::default()),
+                bundle,
+            ) {
+                info!(peer.cluster = %file.name, "linked peer added");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shared.shutdown.signaled() => return,
+        }
+    }
+}
+
+/// First contact from the joining side: calls the issuer's `Link`,
+/// trusting it only through the token's pinned root.
+async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
+    let fail = |mut file: PeerFile, reason: String| {
+        warn!(peer.cluster = %file.name, %reason, "link failed");
+        file.link_error = Some(reason);
+        let _ = file.write(&shared.state_dir);
+    };
+    let token = match Token::decode(encoded) {
+        Ok(t) => t,
+        Err(e) => return fail(file, e.to_string()),
+    };
+    let Ok(expect) = token.payload.identity.parse::<SpiffeId>() else {
+        return fail(
+            file,
+            format!(
+                "token names an invalid identity {:?}",
+                token.payload.identity
+            ),
+        );
+    };
+    let Some(advertised) = shared.advertised.clone() else {
+        return fail(
+            file,
+            "this controller has no address peers can reach: set advertiseAddress".into(),
+        );
+    };
+    let own = match shared.trust.get(&shared.trust_domain) {
+        Some(b) => b.bundle.clone(),
+        None => return fail(file, "own trust bundle missing".into()),
+    };
+    let cfg = isthmus_core::tls::pinned_client_config(&token.payload.root_fingerprint, expect, &[]);
+    let channel = match transport::channel(token.payload.address.clone(), cfg) {
+        Ok(c) => c,
+        Err(e) => return fail(file, e),
+    };
+    let request = LinkRequest {
+        token_id: token.payload.token_id.clone(),
+        proof: token.proof(&shared.cluster),
+        cluster_name: shared.cluster.clone(),
+        controller_address: advertised,
+        trust_bundle: Some(isthmus_proto::common::v1::TrustBundle {
+            trust_domain: own.trust_domain.to_string(),
+            roots_der: own.roots.iter().map(|c| c.as_ref().to_vec()).collect(),
+            sequence: own.sequence,
+            refresh_hint_seconds: 300,
+        }),
+        token: token.encoded.clone(),
+    };
+    let mut client = PeerFederationClient::new(channel);
+    let resp = match tokio::time::timeout(Duration::from_secs(10), client.link(request)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s))
+            if s.code() == tonic::Code::PermissionDenied
+                || s.code() == tonic::Code::InvalidArgument =>
+        {
+            return fail(
+                file,
+                format!(
+                    "{} refused the link: {}",
+                    token.payload.cluster,
+                    s.message()
+                ),
+            );
+        }
+        Ok(Err(s)) => {
+            // Unreachable or a transport problem: retried on the next scan.
+            warn!(peer.cluster = %file.name, error = %s.message(), "link attempt failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+        Err(_) => {
+            warn!(peer.cluster = %file.name, "link attempt timed out; retrying");
+            return;
+        }
+    };
+    let Some(b) = resp
+        .trust_bundle
+        .filter(|b| b.trust_domain == token.payload.trust_domain)
+    else {
+        return fail(file, "the issuer answered without its trust bundle".into());
+    };
+    let roots: Vec<rustls_pki_types::CertificateDer<'static>> = b
+        .roots_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    if !roots
+        .iter()
+        .any(|r| isthmus_core::identity::trust::fingerprint(r) == token.payload.root_fingerprint)
+    {
+        return fail(
+            file,
+            "the issuer's trust bundle does not contain the root the token pinned".into(),
+        );
+    }
+    file.trust_bundle_pem = roots
+        .iter()
+        .map(isthmus_core::identity::pem::cert_to_pem)
+        .collect();
+    file.pending_token = None;
+    file.link_error = None;
+    if let Err(e) = file.write(&shared.state_dir) {
+        warn!(error = %e, "cannot record the linked peer");
+        return;
+    }
+    info!(peer.cluster = %file.name, "linked; federating");
+    // peers_loop adds it on its next scan.
 }

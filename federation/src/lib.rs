@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod controller;
 pub mod import;
+pub mod link;
 pub mod objects;
 pub mod peer;
 pub mod source;

@@ -92,6 +92,8 @@ impl TestCluster {
             local_addr: any,
             dashboard_addr: any,
             gateway_address: "127.0.0.1:15443".into(),
+            advertise_address: None,
+            state_dir: self.dir.join(".isthmus"),
             stale_lease: lease,
             heartbeat,
             peers: peers

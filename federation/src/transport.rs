@@ -27,7 +27,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub addr: SocketAddr,
-    pub identity: SpiffeId,
+    /// `None` for a client without a certificate (first contact only).
+    pub identity: Option<SpiffeId>,
 }
 
 /// A server-side TLS stream whose peer has been verified.
@@ -108,19 +109,17 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => match peer_identity(tls.get_ref().1.peer_certificates()) {
-                        Ok(identity) => {
-                            let _ = tx
-                                .send(Ok(TlsIo {
-                                    inner: tls,
-                                    info: PeerInfo { addr, identity },
-                                }))
-                                .await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer.addr = %addr, error = %e, "peer has no identity")
-                        }
-                    },
+                    Ok(Ok(tls)) => {
+                        // Anonymous clients get in (first contact); every
+                        // handler but Link demands an identity.
+                        let identity = peer_identity(tls.get_ref().1.peer_certificates()).ok();
+                        let _ = tx
+                            .send(Ok(TlsIo {
+                                inner: tls,
+                                info: PeerInfo { addr, identity },
+                            }))
+                            .await;
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(peer.addr = %addr, error = %e, "TLS handshake refused (check the peer's certificate and trust bundle)")
                     }

@@ -6,6 +6,7 @@ use isthmus_core::telemetry::LogFormat;
 mod ca;
 mod config;
 mod controller;
+mod link;
 mod status;
 
 /// Isthmus: one service mesh across several Kubernetes clusters.
@@ -31,6 +32,9 @@ pub enum Command {
     /// Check configuration files.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Peer two clusters with a one-time token.
+    #[command(subcommand)]
+    Link(link::LinkCommand),
     /// Run a cluster's federation controller.
     Controller(controller::ControllerArgs),
     /// Show what a controller knows of its peers.
@@ -46,6 +50,7 @@ pub fn run(
         Command::Ca(c) => ca::run(c),
         Command::Config(c) => config::run(c),
         Command::Controller(c) => controller::run(c, logs),
+        Command::Link(c) => link::run(c),
         Command::Status(c) => status::run(c),
     }
 }

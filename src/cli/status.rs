@@ -42,9 +42,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     match args.output {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "peers": peers, "conflicts": dump["conflicts"] })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "peers": peers,
+                "conflicts": dump["conflicts"],
+                "pending_links": dump["pending_links"],
+            }))?
         ),
         Output::Table => {
             println!(
@@ -75,6 +77,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                     p.revision_lag,
                     disconnect
                 );
+            }
+            if let Some(links) = dump["pending_links"].as_array().filter(|l| !l.is_empty()) {
+                println!("\npending links:");
+                for l in links {
+                    match l["error"].as_str() {
+                        Some(e) => println!("  {} at {}: failed: {e}", l["cluster"], l["address"]),
+                        None => println!("  {} at {}: linking", l["cluster"], l["address"]),
+                    }
+                }
             }
             if let Some(c) = dump["conflicts"].as_array().filter(|c| !c.is_empty()) {
                 println!("\nexport conflicts:");

@@ -458,7 +458,9 @@ impl ClusterCa {
             validity(&mut params, ttl.min(MAX_LEAF_TTL), Some(self.not_after));
         let cert = params.signed_by(&request.public_key, &self.issuer)?;
         Ok(IssuedChain {
-            chain: vec![cert.der().clone(), self.cert.clone()],
+            // The root goes last: TLS peers ignore it when they trust it
+            // already, and first contact (link) pins it by fingerprint.
+            chain: vec![cert.der().clone(), self.cert.clone(), self.root.clone()],
             root: self.root.clone(),
             id: authorised.clone(),
             not_before,

@@ -354,6 +354,90 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// Verifies a server during first contact (link), before its trust
+/// bundle is known: the presented chain must contain a root whose SHA-256
+/// fingerprint is `fingerprint`, and verify to it as `expect`. The server
+/// sends its root in its chain for this.
+#[derive(Debug)]
+pub struct PinnedRootVerifier {
+    fingerprint: String,
+    expect: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedRootVerifier {
+    pub fn new(fingerprint: &str, expect: SpiffeId, provider: &CryptoProvider) -> Self {
+        Self {
+            fingerprint: fingerprint.to_ascii_lowercase(),
+            expect,
+            algs: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedRootVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let root = intermediates
+            .iter()
+            .find(|c| super::trust::fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::from(VerifyError::Untrusted {
+                    id: self.expect.clone(),
+                    td: self.expect.trust_domain().clone(),
+                    detail: format!(
+                        "no certificate in the server's chain has the token's root fingerprint {}",
+                        self.fingerprint
+                    ),
+                })
+            })?;
+        let bundle = super::trust::TrustBundle::new(
+            self.expect.trust_domain().clone(),
+            vec![root.clone().into_owned()],
+            1,
+        );
+        let store = TrustStore::with_bundles([bundle])
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        store.verify_peer(
+            end_entity,
+            intermediates,
+            now,
+            Usage::Server,
+            &self.algs,
+            &Expect::Exactly(self.expect.clone()),
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// Verifies clients for a server (implements rustls's
 /// [`ClientCertVerifier`]); client certificates are mandatory.
 #[derive(Debug)]
@@ -361,6 +445,7 @@ pub struct SpiffeClientVerifier {
     store: Arc<TrustStore>,
     expect: Expect,
     algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -369,11 +454,24 @@ impl SpiffeClientVerifier {
             store,
             expect,
             algs: provider.signature_verification_algorithms,
+            mandatory: true,
         }
+    }
+
+    /// Lets clients connect without a certificate (a presented one is
+    /// still verified in full). The application must then refuse
+    /// anonymous requests where it needs an identity.
+    pub fn optional(mut self) -> Self {
+        self.mandatory = false;
+        self
     }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // No hints: clients have exactly one identity to present, and
         // listing every peer's root would leak the federation's shape.

@@ -1,0 +1,99 @@
+//! `isthmus link`: peer two clusters with a one-time token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use isthmus_core::config::parse_duration;
+use isthmus_core::identity::trust::fingerprint;
+use isthmus_core::identity::{ClusterCa, SpiffeId};
+use isthmus_federation::config::ControllerConfig;
+use isthmus_federation::link::{PeerFile, Token, TokenStore};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration; use e.g. 30m or 1h"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Print a one-time token that lets another cluster peer with this one.
+    Create {
+        /// This cluster's controller config.
+        #[arg(long)]
+        config: PathBuf,
+        /// How long the token stays valid.
+        #[arg(long, value_parser = duration, default_value = "1h")]
+        ttl: Duration,
+    },
+    /// Make the cluster that printed TOKEN a peer of this one. The running
+    /// controller links on its next scan of its state directory.
+    Apply {
+        /// This cluster's controller config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The token printed by `isthmus link create` in the other cluster.
+        token: String,
+    },
+}
+
+pub fn run(cmd: LinkCommand) -> anyhow::Result<()> {
+    match cmd {
+        LinkCommand::Create { config, ttl } => {
+            let config: ControllerConfig = isthmus_core::config::load(&config)?;
+            let ca = ClusterCa::load(&config.ca_dir)?;
+            let Some(address) = config.advertised() else {
+                bail!(
+                    "the controller listens on {} which peers cannot dial; set advertiseAddress to the address they should use",
+                    config.federation_addr
+                );
+            };
+            let id = SpiffeId::controller(&config.cluster.trust_domain, &config.cluster.name.0)?;
+            let token = Token::create(
+                &config.cluster.name.0,
+                config.cluster.trust_domain.as_str(),
+                &address,
+                &id.to_string(),
+                &fingerprint(ca.root()),
+                ttl,
+            );
+            TokenStore::new(&config.state_dir)
+                .add(&token)
+                .with_context(|| {
+                    format!("cannot record the token in {}", config.state_dir.display())
+                })?;
+            eprintln!(
+                "token for cluster {} (valid {}, single use); in the other cluster run:\n  isthmus link apply --config <its controller config> <token>",
+                config.cluster.name,
+                format_args!("{}s", ttl.as_secs())
+            );
+            println!("{}", token.encoded);
+        }
+        LinkCommand::Apply { config, token } => {
+            let config: ControllerConfig = isthmus_core::config::load(&config)?;
+            let token = Token::decode(&token)?;
+            if token.payload.cluster == config.cluster.name.0 {
+                bail!(
+                    "this token was created by cluster {} itself; apply it in the other cluster",
+                    token.payload.cluster
+                );
+            }
+            let file = PeerFile {
+                name: token.payload.cluster.clone(),
+                address: token.payload.address.clone(),
+                trust_domain: token.payload.trust_domain.clone(),
+                trust_bundle_pem: String::new(),
+                pending_token: Some(token.encoded.clone()),
+                link_error: None,
+            };
+            file.write(&config.state_dir).with_context(|| {
+                format!("cannot record the peer in {}", config.state_dir.display())
+            })?;
+            println!(
+                "peer {} ({}) recorded; the controller of {} links on its next scan (see `isthmus status`)",
+                token.payload.cluster, token.payload.address, config.cluster.name
+            );
+        }
+    }
+    Ok(())
+}
