@@ -151,7 +151,12 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                     None => return,
                 },
                 _ = objects.changed() => {
-                    let cat = Catalog::build(&objects.borrow_and_update(), &locality);
+                    let snapshot = objects.borrow_and_update().clone();
+                    let locality = locality.clone();
+                    // CPU-heavy at 10,000 services: off the workers.
+                    let Ok(cat) = tokio::task::spawn_blocking(move || Catalog::build(&snapshot, &locality)).await else {
+                        return;
+                    };
                     catalog_tx.send_replace(Arc::new(cat));
                     first.take();
                 }
@@ -225,7 +230,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
 
     // Peers from the config and from earlier links, seeded from the
     // ServiceEntries a previous run wrote.
-    let sink = FilesSink::new(&config.source_dir);
+    let sink = Arc::new(FilesSink::new(&config.source_dir));
     let mut seeded = seed(&sink);
     let mut initial: Vec<(PeerState, Option<TrustBundle>)> = config
         .peers

@@ -68,6 +68,17 @@ impl Catalog {
         // Zone → region, from the nodes, for endpoints that name only a zone.
         let zone_region: BTreeMap<&str, &str> = nodes.values().map(|(r, z)| (*z, *r)).collect();
 
+        // EndpointSlices by (namespace, service): one pass, not one scan
+        // of every object per Service (quadratic at 10,000 services).
+        let mut slices: BTreeMap<(&str, &str), Vec<&crate::objects::Object>> = BTreeMap::new();
+        for s in objects.values() {
+            if let Body::EndpointSlice { service, .. } = &s.body {
+                slices
+                    .entry((s.key.namespace.as_str(), service.as_str()))
+                    .or_default()
+                    .push(s);
+            }
+        }
         let mut services = BTreeMap::new();
         for o in objects.values() {
             let Body::Service { ports } = &o.body else {
@@ -76,18 +87,19 @@ impl Catalog {
             let key = ServiceKey::new(&o.key.namespace, &o.key.name);
             let mut slice_ports: BTreeMap<String, u16> = BTreeMap::new();
             let mut endpoints = Vec::new();
-            for s in objects.values() {
+            for s in slices
+                .get(&(o.key.namespace.as_str(), o.key.name.as_str()))
+                .into_iter()
+                .flatten()
+            {
                 let Body::EndpointSlice {
-                    service,
                     ports: sp,
                     endpoints: eps,
+                    ..
                 } = &s.body
                 else {
                     continue;
                 };
-                if s.key.namespace != key.namespace || *service != key.name {
-                    continue;
-                }
                 slice_ports.extend(sp.iter().map(|(k, v)| (k.clone(), *v)));
                 for e in eps {
                     let (region, zone) = match nodes.get(e.node_name.as_str()) {

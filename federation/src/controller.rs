@@ -379,12 +379,20 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
     }
 }
 
+/// At startup, ServiceEntries are first written once every peer has sent
+/// its full catalogue, or after this long, whichever is first: writing
+/// as each peer arrives would rewrite every file once per peer.
+pub const INITIAL_SYNC_GRACE: Duration = Duration::from_secs(3);
+
+/// How long the reconciler waits after a change for more to arrive.
+pub const COALESCE: Duration = Duration::from_millis(3);
+
 /// Marks silent peers stale and withdraws them after the lease; merges
 /// catalogues; writes ServiceEntries; publishes mesh state. Runs until
 /// shutdown.
 pub async fn reconcile_loop(
     shared: Arc<Shared>,
-    sink: FilesSink,
+    sink: Arc<FilesSink>,
     gateway: SocketAddr,
     mesh: watch::Sender<Arc<MeshState>>,
 ) {
@@ -392,6 +400,8 @@ pub async fn reconcile_loop(
     let mut last_entries: Option<Vec<serde_json::Value>> = None;
     let mut version = 0u64;
     let tick = (shared.heartbeat / 2).max(Duration::from_millis(20));
+    let started = tokio::time::Instant::now();
+    let mut initial_sync_done = false;
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
@@ -424,30 +434,63 @@ pub async fn reconcile_loop(
                 })
             })
             .collect();
-        let imports = merge((&shared.cluster, &cat.exports), &peers);
-        let entries: Vec<serde_json::Value> = imports
-            .services
-            .values()
-            .map(|s| service_entry(s, gateway))
-            .collect();
         // Until the source's first list this cluster's own exports are
         // unknown; writing then could flip a conflict and rewrite files.
-        if cat.listed && last_entries.as_ref() != Some(&entries) {
-            match sink.apply(&entries) {
-                Ok(r) => {
-                    if !r.written.is_empty() || !r.deleted.is_empty() {
-                        info!(written = ?r.written, deleted = ?r.deleted, "ServiceEntries updated");
-                    }
-                    shared
-                        .metrics
-                        .apply_latency
-                        .observe(woke.elapsed().as_secs_f64());
-                    last_entries = Some(entries);
-                }
-                Err(e) => {
-                    warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; will retry (check the directory is writable)")
-                }
+        // Until every peer has synced (or the grace passed), more imports
+        // are on their way.
+        if !initial_sync_done {
+            let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
+            initial_sync_done = all_synced || started.elapsed() >= INITIAL_SYNC_GRACE;
+            if initial_sync_done {
+                info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");
             }
+        }
+        let write = cat.listed && initial_sync_done;
+        // Merging, rendering and writing files is blocking work at 10,000
+        // services: off the runtime's workers.
+        let (cluster, exports, sink2, last) = (
+            shared.cluster.clone(),
+            cat.exports.clone(),
+            sink.clone(),
+            last_entries.take(),
+        );
+        let Ok((imports, outcome, last)) = tokio::task::spawn_blocking(move || {
+            let imports = merge((&cluster, &exports), &peers);
+            let entries: Vec<serde_json::Value> = imports
+                .services
+                .values()
+                .map(|s| service_entry(s, gateway))
+                .collect();
+            if !write || last.as_ref() == Some(&entries) {
+                return (imports, None, last);
+            }
+            let outcome = sink2.apply(&entries);
+            let last = if outcome.is_ok() { Some(entries) } else { last };
+            (imports, Some(outcome), last)
+        })
+        .await
+        else {
+            return;
+        };
+        last_entries = last;
+        match outcome {
+            Some(Ok(r)) => {
+                if !r.written.is_empty() || !r.deleted.is_empty() {
+                    info!(
+                        written = r.written.len(),
+                        deleted = r.deleted.len(),
+                        "ServiceEntries updated"
+                    );
+                }
+                shared
+                    .metrics
+                    .apply_latency
+                    .observe(woke.elapsed().as_secs_f64());
+            }
+            Some(Err(e)) => {
+                warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; will retry (check the directory is writable)")
+            }
+            None => {}
         }
         for c in &imports.conflicts {
             tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
@@ -527,9 +570,12 @@ pub async fn reconcile_loop(
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
             _ = shared.changed.notified() => {}
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep(tick) => continue,
             _ = shared.shutdown.signaled() => return,
         }
+        // Coalesce a burst (several peers syncing at once) into one pass;
+        // short enough not to show in propagation latency.
+        tokio::time::sleep(COALESCE).await;
     }
 }
 

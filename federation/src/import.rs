@@ -200,15 +200,23 @@ pub struct SinkReport {
 }
 
 /// Writes ServiceEntries as YAML files under `<cluster dir>/isthmus-imports/`.
-#[derive(Debug, Clone)]
+///
+/// Files are compared with what this sink last wrote (kept in memory, so
+/// a pass over 10,000 services reads nothing back) and with the file on
+/// disk the first time. Writes are atomic renames without fsync: readers
+/// never see half a file, and a crash only loses what the next run
+/// rewrites anyway.
+#[derive(Debug)]
 pub struct FilesSink {
     dir: PathBuf,
+    written: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl FilesSink {
     pub fn new(cluster_dir: &Path) -> Self {
         Self {
             dir: cluster_dir.join(crate::IMPORTS_DIR),
+            written: Default::default(),
         }
     }
 
@@ -224,6 +232,7 @@ impl FilesSink {
         std::fs::create_dir_all(&self.dir)?;
         let mut report = SinkReport::default();
         let mut wanted = BTreeSet::new();
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         for e in entries {
             let ns = e["metadata"]["namespace"].as_str().unwrap_or("default");
             let name = e["metadata"]["name"].as_str().unwrap_or("unnamed");
@@ -234,11 +243,17 @@ impl FilesSink {
             );
             let path = self.dir.join(&file);
             wanted.insert(file.clone());
-            if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            let same = match written.get(&file) {
+                Some(prev) => *prev == text,
+                None => std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()),
+            };
+            if same {
+                written.insert(file, text);
                 report.unchanged += 1;
                 continue;
             }
-            isthmus_core::identity::write_atomic(&path, text.as_bytes(), false)?;
+            isthmus_core::identity::write_atomic_with(&path, text.as_bytes(), false, false)?;
+            written.insert(file.clone(), text);
             report.written.push(file);
         }
         for entry in std::fs::read_dir(&self.dir)? {
@@ -252,6 +267,7 @@ impl FilesSink {
                 .unwrap_or(false);
             if owned {
                 std::fs::remove_file(entry.path())?;
+                written.remove(&file);
                 report.deleted.push(file);
             }
         }

@@ -23,6 +23,18 @@ use std::path::Path;
 /// directory, fsync, rename. Readers see the old file or the new one, never
 /// half of either. `private` makes the file mode 0600.
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
+    write_atomic_with(path, contents, private, true)
+}
+
+/// [`write_atomic`] with the fsync optional: without it, readers still
+/// never see a half-written file (the rename is atomic), but a crash may
+/// lose the new contents. For files that are regenerated anyway.
+pub fn write_atomic_with(
+    path: &Path,
+    contents: &[u8],
+    private: bool,
+    sync: bool,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -39,7 +51,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Res
     let result = (|| {
         let mut f = opts.open(&tmp)?;
         f.write_all(contents)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
