@@ -384,6 +384,11 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
 /// as each peer arrives would rewrite every file once per peer.
 pub const INITIAL_SYNC_GRACE: Duration = Duration::from_secs(3);
 
+/// A disconnected peer is marked stale after this long (at most half the
+/// lease; at least two heartbeats): brief reconnects under load must not
+/// flip every ServiceEntry's stale label back and forth.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
 /// How long the reconciler waits after a change for more to arrive.
 pub const COALESCE: Duration = Duration::from_millis(3);
 
@@ -402,6 +407,9 @@ pub async fn reconcile_loop(
     let tick = (shared.heartbeat / 2).max(Duration::from_millis(20));
     let started = tokio::time::Instant::now();
     let mut initial_sync_done = false;
+    // The heavy pass (merge, render, write, publish) runs only when
+    // something changed; ticks only do liveness bookkeeping.
+    let mut dirty = true;
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
@@ -410,166 +418,185 @@ pub async fn reconcile_loop(
             let mut i = p.lock();
             if let Some(since) = i.disconnected_since {
                 let down = since.elapsed();
-                if down >= shared.heartbeat * 2 && !i.stale && i.imports.is_some() {
+                // Damped, but always well before the lease withdraws.
+                let stale_after = (shared.heartbeat * 2).max(STALE_AFTER.min(shared.lease / 2));
+                if down >= stale_after && !i.stale && i.imports.is_some() {
                     i.stale = true;
+                    dirty = true;
                     warn!(peer.cluster = %p.name, down = ?down, lease = ?shared.lease, "peer control plane unreachable: its services are kept, marked stale");
                 }
                 if down >= shared.lease && i.imports.is_some() {
                     i.imports = None;
                     i.applied = None;
+                    dirty = true;
                     warn!(peer.cluster = %p.name, lease = ?shared.lease, "peer unreachable for the whole lease: its services are withdrawn");
                 }
             }
         }
-        let cat = catalog.borrow_and_update().clone();
-        let peers: Vec<PeerCatalog> = all_peers
-            .iter()
-            .filter_map(|p| {
-                let i = p.lock();
-                Some(PeerCatalog {
-                    cluster: p.name.clone(),
-                    locality: i.locality.clone(),
-                    stale: i.stale,
-                    exports: i.imports.clone()?,
+        if dirty || !initial_sync_done {
+            dirty = false;
+            let cat = catalog.borrow_and_update().clone();
+            let peers: Vec<PeerCatalog> = all_peers
+                .iter()
+                .filter_map(|p| {
+                    let i = p.lock();
+                    Some(PeerCatalog {
+                        cluster: p.name.clone(),
+                        locality: i.locality.clone(),
+                        stale: i.stale,
+                        exports: i.imports.clone()?,
+                    })
                 })
-            })
-            .collect();
-        // Until the source's first list this cluster's own exports are
-        // unknown; writing then could flip a conflict and rewrite files.
-        // Until every peer has synced (or the grace passed), more imports
-        // are on their way.
-        if !initial_sync_done {
-            let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
-            initial_sync_done = all_synced || started.elapsed() >= INITIAL_SYNC_GRACE;
-            if initial_sync_done {
-                info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");
-            }
-        }
-        let write = cat.listed && initial_sync_done;
-        // Merging, rendering and writing files is blocking work at 10,000
-        // services: off the runtime's workers.
-        let (cluster, exports, sink2, last) = (
-            shared.cluster.clone(),
-            cat.exports.clone(),
-            sink.clone(),
-            last_entries.take(),
-        );
-        let Ok((imports, outcome, last)) = tokio::task::spawn_blocking(move || {
-            let imports = merge((&cluster, &exports), &peers);
-            let entries: Vec<serde_json::Value> = imports
-                .services
-                .values()
-                .map(|s| service_entry(s, gateway))
                 .collect();
-            if !write || last.as_ref() == Some(&entries) {
-                return (imports, None, last);
+            // Until the source's first list this cluster's own exports are
+            // unknown; writing then could flip a conflict and rewrite files.
+            // Until every peer has synced (or the grace passed), more imports
+            // are on their way.
+            if !initial_sync_done {
+                let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
+                initial_sync_done = all_synced || started.elapsed() >= INITIAL_SYNC_GRACE;
+                if initial_sync_done {
+                    info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");
+                }
             }
-            let outcome = sink2.apply(&entries);
-            let last = if outcome.is_ok() { Some(entries) } else { last };
-            (imports, Some(outcome), last)
-        })
-        .await
-        else {
-            return;
-        };
-        last_entries = last;
-        match outcome {
-            Some(Ok(r)) => {
-                if !r.written.is_empty() || !r.deleted.is_empty() {
-                    info!(
-                        written = r.written.len(),
-                        deleted = r.deleted.len(),
-                        "ServiceEntries updated"
+            let write = cat.listed && initial_sync_done;
+            // Merging, rendering and writing files is blocking work at 10,000
+            // services: off the runtime's workers.
+            let (cluster, exports, sink2, last) = (
+                shared.cluster.clone(),
+                cat.exports.clone(),
+                sink.clone(),
+                last_entries.take(),
+            );
+            let peers_for_merge = peers;
+            let Ok(imports) =
+                tokio::task::spawn_blocking(move || merge((&cluster, &exports), &peers_for_merge))
+                    .await
+            else {
+                return;
+            };
+            for c in &imports.conflicts {
+                tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
+            }
+            shared.metrics.conflicts.set(imports.conflicts.len() as i64);
+            *shared.conflicts.lock().unwrap_or_else(|e| e.into_inner()) = imports.conflicts.clone();
+            shared
+                .metrics
+                .services_exported
+                .set(cat.exports.len() as i64);
+            shared
+                .metrics
+                .services_imported
+                .set(imports.services.len() as i64);
+            let (mut up, mut stale, mut down) = (0, 0, 0);
+            let mut gateways = BTreeMap::new();
+            for p in &all_peers {
+                let i = p.lock();
+                match (i.connected, i.stale) {
+                    (true, _) => up += 1,
+                    (false, true) => stale += 1,
+                    _ => down += 1,
+                }
+                if let Ok(address) = i.gateway.parse() {
+                    gateways.insert(
+                        p.name.clone(),
+                        PeerGateway {
+                            cluster: p.name.clone(),
+                            trust_domain: p.trust_domain.clone(),
+                            address,
+                            locality: i.locality.clone(),
+                        },
                     );
                 }
-                shared
-                    .metrics
-                    .apply_latency
-                    .observe(woke.elapsed().as_secs_f64());
             }
-            Some(Err(e)) => {
-                warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; will retry (check the directory is writable)")
+            shared
+                .metrics
+                .peers
+                .get_or_create(&StateLabel { state: "connected" })
+                .set(up);
+            shared
+                .metrics
+                .peers
+                .get_or_create(&StateLabel { state: "stale" })
+                .set(stale);
+            shared
+                .metrics
+                .peers
+                .get_or_create(&StateLabel {
+                    state: "disconnected",
+                })
+                .set(down);
+
+            let policies: Vec<(&str, &crate::catalog::ExportPolicy)> = all_peers
+                .iter()
+                .map(|p| (p.name.as_str(), &p.policy))
+                .collect();
+            let next = MeshState {
+                version: 0,
+                local: cat.with_export_targets(policies.iter().copied()),
+                imported: imports.services.clone(),
+                peers: gateways,
+                destination_rules: Default::default(),
+            };
+            let changed = {
+                let cur = mesh.borrow();
+                cur.local != next.local
+                    || cur.imported != next.imported
+                    || cur.peers != next.peers
+                    || version == 0
+            };
+            if changed {
+                version += 1;
+                mesh.send_replace(Arc::new(MeshState { version, ..next }));
             }
-            None => {}
-        }
-        for c in &imports.conflicts {
-            tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
-        }
-        shared.metrics.conflicts.set(imports.conflicts.len() as i64);
-        *shared.conflicts.lock().unwrap_or_else(|e| e.into_inner()) = imports.conflicts.clone();
-        shared
-            .metrics
-            .services_exported
-            .set(cat.exports.len() as i64);
-        shared
-            .metrics
-            .services_imported
-            .set(imports.services.len() as i64);
-        let (mut up, mut stale, mut down) = (0, 0, 0);
-        let mut gateways = BTreeMap::new();
-        for p in &all_peers {
-            let i = p.lock();
-            match (i.connected, i.stale) {
-                (true, _) => up += 1,
-                (false, true) => stale += 1,
-                _ => down += 1,
-            }
-            if let Ok(address) = i.gateway.parse() {
-                gateways.insert(
-                    p.name.clone(),
-                    PeerGateway {
-                        cluster: p.name.clone(),
-                        trust_domain: p.trust_domain.clone(),
-                        address,
-                        locality: i.locality.clone(),
-                    },
-                );
-            }
-        }
-        shared
-            .metrics
-            .peers
-            .get_or_create(&StateLabel { state: "connected" })
-            .set(up);
-        shared
-            .metrics
-            .peers
-            .get_or_create(&StateLabel { state: "stale" })
-            .set(stale);
-        shared
-            .metrics
-            .peers
-            .get_or_create(&StateLabel {
-                state: "disconnected",
+            // Files last: the mesh state above (what the config stream
+            // serves) never waits for disk.
+            let services = imports.services.clone();
+            let Ok((outcome, last)) = tokio::task::spawn_blocking(move || {
+                let entries: Vec<serde_json::Value> = services
+                    .values()
+                    .map(|s| service_entry(s, gateway))
+                    .collect();
+                if !write || last.as_ref() == Some(&entries) {
+                    return (None, last);
+                }
+                let outcome = sink2.apply(&entries);
+                let last = if outcome.is_ok() { Some(entries) } else { last };
+                (Some(outcome), last)
             })
-            .set(down);
-
-        let policies: Vec<(&str, &crate::catalog::ExportPolicy)> = all_peers
-            .iter()
-            .map(|p| (p.name.as_str(), &p.policy))
-            .collect();
-        let next = MeshState {
-            version: 0,
-            local: cat.with_export_targets(policies.iter().copied()),
-            imported: imports.services.clone(),
-            peers: gateways,
-            destination_rules: Default::default(),
-        };
-        let changed = {
-            let cur = mesh.borrow();
-            cur.local != next.local
-                || cur.imported != next.imported
-                || cur.peers != next.peers
-                || version == 0
-        };
-        if changed {
-            version += 1;
-            mesh.send_replace(Arc::new(MeshState { version, ..next }));
+            .await
+            else {
+                return;
+            };
+            last_entries = last;
+            match outcome {
+                Some(Ok(r)) => {
+                    if !r.written.is_empty() || !r.deleted.is_empty() {
+                        info!(
+                            written = r.written.len(),
+                            deleted = r.deleted.len(),
+                            "ServiceEntries updated"
+                        );
+                    }
+                    shared
+                        .metrics
+                        .apply_latency
+                        .observe(woke.elapsed().as_secs_f64());
+                }
+                Some(Err(e)) => {
+                    warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; will retry (check the directory is writable)")
+                }
+                None => {}
+            }
         }
-
         tokio::select! {
-            r = catalog.changed() => if r.is_err() { return },
-            _ = shared.changed.notified() => {}
+            r = catalog.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                dirty = true;
+            }
+            _ = shared.changed.notified() => dirty = true,
             _ = tokio::time::sleep(tick) => continue,
             _ = shared.shutdown.signaled() => return,
         }
