@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod config;
 pub mod drain;
 pub mod identity;
+pub mod meshconfig;
 pub mod metrics;
 pub mod model;
 pub mod readiness;

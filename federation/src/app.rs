@@ -58,6 +58,8 @@ impl std::fmt::Debug for Deps {
 #[derive(Debug)]
 pub struct Bound {
     pub federation_addr: SocketAddr,
+    /// The config stream (and, later, CA) port for local proxies.
+    pub local_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -131,6 +133,10 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         format!("cannot bind the federation listener to {}; is another controller running? (listen.federation)", config.federation_addr)
     })?;
     let federation_addr = listener.local_addr()?;
+    let local_listener = TcpListener::bind(config.local_addr).await.with_context(|| {
+        format!("cannot bind the local config/CA listener to {}; is another controller running? (listen.local)", config.local_addr)
+    })?;
+    let local_addr = local_listener.local_addr()?;
 
     // Source → store → catalogue.
     let (events_tx, mut events_rx) = mpsc::channel(1024);
@@ -277,6 +283,34 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     tokio::spawn(peers_loop(shared.clone()).instrument(info_span!("peers")));
 
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshState::default()));
+    // The config stream for local sidecars and the gateway.
+    let config_service = isthmus_proto::config::v1::mesh_config_server::MeshConfigServer::new(
+        crate::configstream::ConfigService {
+            cluster: shared.cluster.clone(),
+            trust_domain: shared.trust_domain.to_string(),
+            mesh: mesh_rx.clone(),
+            trust: deps.trust.clone(),
+        },
+    )
+    .max_encoding_message_size(64 * 1024 * 1024);
+    let stop = shared.shutdown.clone();
+    let local_drain = drain.clone();
+    tokio::spawn(
+        async move {
+            let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(config_service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(local_listener),
+                    async move { stop.signaled().await },
+                );
+            if let Err(e) = local_drain.release_after(served).await {
+                tracing::warn!(error = %e, "config stream server stopped with an error");
+            }
+        }
+        .instrument(info_span!("config_server")),
+    );
     tokio::spawn(
         reconcile_loop(shared.clone(), sink, gateway, mesh_tx).instrument(info_span!("reconcile")),
     );
@@ -322,6 +356,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     info!(cluster = %config.cluster.name, federation = %federation_addr, peers = shared.peers().len(), "controller running");
     Ok(Bound {
         federation_addr,
+        local_addr,
         admin_addr,
         metrics_addr,
         readiness_addr,

@@ -50,6 +50,8 @@ pub struct Catalog {
     /// Built from a complete list of the source (the default value, before
     /// the first list, is not).
     pub listed: bool,
+    /// DestinationRules by the service they name (for the config stream).
+    pub destination_rules: BTreeMap<ServiceKey, Arc<isthmus_core::model::DestinationRule>>,
 }
 
 impl Catalog {
@@ -202,6 +204,26 @@ impl Catalog {
                 .collect(),
             exports,
             listed: true,
+            destination_rules: objects
+                .values()
+                .filter(|o| o.key.kind == Kind::DestinationRule)
+                .filter_map(|o| {
+                    let Body::Policy { spec, .. } = &o.body else {
+                        return None;
+                    };
+                    match isthmus_core::model::DestinationRule::from_spec(
+                        &o.key.namespace,
+                        &o.key.name,
+                        spec,
+                    ) {
+                        Ok(dr) => Some((dr.service.clone(), Arc::new(dr))),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "DestinationRule skipped");
+                            None
+                        }
+                    }
+                })
+                .collect(),
         }
     }
 

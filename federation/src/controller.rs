@@ -536,13 +536,14 @@ pub async fn reconcile_loop(
                 local: cat.with_export_targets(policies.iter().copied()),
                 imported: imports.services.clone(),
                 peers: gateways,
-                destination_rules: Default::default(),
+                destination_rules: cat.destination_rules.clone(),
             };
             let changed = {
                 let cur = mesh.borrow();
                 cur.local != next.local
                     || cur.imported != next.imported
                     || cur.peers != next.peers
+                    || cur.destination_rules != next.destination_rules
                     || version == 0
             };
             if changed {

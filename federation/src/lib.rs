@@ -8,6 +8,7 @@
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod configstream;
 pub mod controller;
 pub mod import;
 pub mod link;

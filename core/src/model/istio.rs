@@ -145,6 +145,9 @@ pub struct DestinationRule {
     pub locality_lb: Option<LocalityLbSetting>,
     /// `None` when unset (Isthmus's default detection applies).
     pub outlier: Option<OutlierDetection>,
+    /// The spec as received, for passing on (config stream).
+    #[serde(skip)]
+    pub spec_json: String,
 }
 
 impl serde::Serialize for Scope {
@@ -170,6 +173,7 @@ impl DestinationRule {
             name: name.into(),
             detail,
         };
+        let spec_text = spec.to_string();
         let spec: DrSpec = serde_json::from_value(spec.clone()).map_err(|e| err(e.to_string()))?;
         let host = match spec.host.matches('.').count() {
             0 => format!("{}.{namespace}.svc.cluster.local", spec.host),
@@ -239,6 +243,7 @@ impl DestinationRule {
             }
         };
         Ok(Self {
+            spec_json: spec_text,
             namespace: namespace.into(),
             name: name.into(),
             service,
