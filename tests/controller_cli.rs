@@ -95,7 +95,7 @@ impl Cluster {
 cluster: {{ name: {name}, trustDomain: {name}.local, locality: {{ region: {region} }} }}
 caDir: {dir}/ca
 sourceDir: {dir}/manifests
-listen: {{ federation: "127.0.0.1:{fed}" }}
+listen: {{ federation: "127.0.0.1:{fed}", local: "127.0.0.1:0" }}
 gatewayAddress: "127.0.0.1:15443"
 heartbeatInterval: 200ms
 staleLease: 3s

@@ -85,11 +85,11 @@ impl MeshConfig for ConfigService {
                         trust_domain: this.trust_domain.clone(),
                     },
                 };
-                if update.full_state || !update.upserts.is_empty() || !update.removals.is_empty() {
-                    if tx.send(Ok(update)).await.is_err() {
-                        debug!(node.name = %node.name, "config subscriber gone");
-                        return;
-                    }
+                let worth_sending =
+                    update.full_state || !update.upserts.is_empty() || !update.removals.is_empty();
+                if worth_sending && tx.send(Ok(update)).await.is_err() {
+                    debug!(node.name = %node.name, "config subscriber gone");
+                    return;
                 }
                 sent = Some(now);
                 tokio::select! {
