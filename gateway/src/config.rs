@@ -25,6 +25,9 @@ pub struct GatewayConfig {
     pub cluster: ClusterSection,
     /// The local controller's config and CA endpoint (host:port, 15010).
     pub controller: String,
+    /// Files mode: the cluster CA directory the gateway issues its own
+    /// certificate from (until the controller's CA service serves it).
+    pub ca_dir: Option<std::path::PathBuf>,
     pub sidecar_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub idle_timeout: Duration,
@@ -45,6 +48,7 @@ impl FromConfig for GatewayConfig {
         check_kind(r, "Gateway");
         let cluster = r.section::<ClusterSection>("cluster");
         let controller = r.required("controller");
+        let ca_dir = r.optional("caDir");
         let listen = r.object("listen");
         let sidecar_addr = listen.or("sidecars", DEFAULT_SIDECAR_ADDR.parse().expect("default"));
         let peer_addr = listen.or("peers", DEFAULT_PEER_ADDR.parse().expect("default"));
@@ -62,6 +66,7 @@ impl FromConfig for GatewayConfig {
         Some(Self {
             cluster: cluster?,
             controller: controller?,
+            ca_dir,
             sidecar_addr,
             peer_addr,
             idle_timeout,

@@ -94,6 +94,7 @@ pub fn config(c: &Cluster) -> GatewayConfig {
             locality: c.locality.clone(),
         },
         controller: "127.0.0.1:15010".into(),
+        ca_dir: None,
         sidecar_addr: any,
         peer_addr: any,
         idle_timeout: Duration::from_secs(30),

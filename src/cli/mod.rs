@@ -6,6 +6,7 @@ use isthmus_core::telemetry::LogFormat;
 mod ca;
 mod config;
 mod controller;
+mod gateway;
 mod link;
 mod status;
 
@@ -32,6 +33,8 @@ pub enum Command {
     /// Check configuration files.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Run a cluster's east-west gateway.
+    Gateway(gateway::GatewayArgs),
     /// Peer two clusters with a one-time token.
     #[command(subcommand)]
     Link(link::LinkCommand),
@@ -51,6 +54,7 @@ pub fn run(
         Command::Config(c) => config::run(c),
         Command::Controller(c) => controller::run(c, logs),
         Command::Link(c) => link::run(c),
+        Command::Gateway(c) => gateway::run(c, logs),
         Command::Status(c) => status::run(c),
     }
 }

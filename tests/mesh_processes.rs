@@ -1,0 +1,253 @@
+//! Two clusters as real processes (controller + gateway each), set up as a
+//! user would with `isthmus ca` and YAML: a workload in east calls a
+//! workload in west through east's gateway, QUIC, and west's gateway; the
+//! server sees the client's own identity.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_core::identity::pem::certs_from_pem;
+use isthmus_core::identity::rotation::StaticCert;
+use isthmus_core::identity::verify::Expect;
+use isthmus_core::identity::{SpiffeId, TrustBundle, TrustStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_isthmus")
+}
+
+fn ok(args: &[&str]) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "isthmus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(bin())
+            .args(args)
+            .env("ISTHMUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+struct Cluster {
+    name: &'static str,
+    dir: PathBuf,
+    federation: u16,
+    local: u16,
+    gateway: u16,
+    gw_ready: u16,
+}
+
+impl Cluster {
+    fn new(root: &Path, name: &'static str) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        let d = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+        ok(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            &format!("{name}.local"),
+            "--out",
+            &d("root"),
+        ]);
+        ok(&["ca", "cluster", name, "--ca", &d("root"), "--out", &d("ca")]);
+        Self {
+            name,
+            dir,
+            federation: port(),
+            local: port(),
+            gateway: port(),
+            gw_ready: port(),
+        }
+    }
+
+    fn workload(&self, sa: &str) -> (Arc<StaticCert>, SpiffeId) {
+        let out = self.dir.join(format!("wl-{sa}"));
+        let id = format!("spiffe://{}.local/ns/sample/sa/{sa}", self.name);
+        ok(&[
+            "ca",
+            "issue",
+            "--spiffe-id",
+            &id,
+            "--ca",
+            self.dir.join("ca").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let chain =
+            certs_from_pem(&std::fs::read_to_string(out.join("cert-chain.pem")).unwrap()).unwrap();
+        let key = rcgen_key(&std::fs::read_to_string(out.join("key.pem")).unwrap());
+        (
+            isthmus_core::testing::resolver(chain, &key),
+            id.parse().unwrap(),
+        )
+    }
+
+    fn bundle(&self) -> TrustBundle {
+        let roots =
+            certs_from_pem(&std::fs::read_to_string(self.dir.join("root/root-cert.pem")).unwrap())
+                .unwrap();
+        TrustBundle::new(format!("{}.local", self.name).parse().unwrap(), roots, 1)
+    }
+
+    fn start(&self, peer: &Cluster, region: &str) -> (Proc, Proc) {
+        let controller = format!(
+            "kind: Controller\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncaDir: {d}/ca\nsourceDir: {d}/manifests\n\
+             listen: {{federation: \"127.0.0.1:{f}\", local: \"127.0.0.1:{l}\"}}\ngatewayAddress: \"127.0.0.1:{g}\"\nheartbeatInterval: 200ms\n\
+             peers: [{{name: {p}, address: \"127.0.0.1:{pf}\", trustDomain: {p}.local, trustBundle: {pd}/root/root-cert.pem}}]\n\
+             admin: {{admin: \"127.0.0.1:0\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\"}}\n",
+            n = self.name,
+            d = self.dir.display(),
+            f = self.federation,
+            l = self.local,
+            g = self.gateway,
+            p = peer.name,
+            pf = peer.federation,
+            pd = peer.dir.display(),
+        );
+        let gateway = format!(
+            "kind: Gateway\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncontroller: \"127.0.0.1:{l}\"\ncaDir: {d}/ca\n\
+             listen: {{sidecars: \"127.0.0.1:{g}\", peers: \"127.0.0.1:{g}\"}}\n\
+             admin: {{admin: \"127.0.0.1:0\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:{r}\"}}\n",
+            n = self.name,
+            d = self.dir.display(),
+            l = self.local,
+            g = self.gateway,
+            r = self.gw_ready,
+        );
+        let (c, g) = (
+            self.dir.join("controller.yaml"),
+            self.dir.join("gateway.yaml"),
+        );
+        std::fs::write(&c, controller).unwrap();
+        std::fs::write(&g, gateway).unwrap();
+        (
+            spawn(&["controller", "--config", c.to_str().unwrap()]),
+            spawn(&["gateway", "--config", g.to_str().unwrap()]),
+        )
+    }
+}
+
+fn rcgen_key(pem: &str) -> rcgen::KeyPair {
+    rcgen::KeyPair::from_pem(pem).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_in_east_calls_west_through_both_gateways_with_its_own_identity() {
+    isthmus_core::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let east = Cluster::new(root.path(), "east");
+    let west = Cluster::new(root.path(), "west");
+    let trust = TrustStore::with_bundles([east.bundle(), west.bundle()]).unwrap();
+
+    // West's workload: a TLS echo server with west's workload identity.
+    let (server_cert, server_id) = west.workload("helloworld");
+    let (backend, mut seen) = isthmus_core::testing::tls_echo_server(
+        isthmus_core::tls::server_config(server_cert, trust.clone(), Some(Expect::AnyTrusted), &[]),
+    )
+    .await;
+    std::fs::write(
+        west.dir.join("manifests/helloworld.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: helloworld, namespace: sample}}\nspec: {{ports: [{{name: http, port: 5000}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: hw-1, namespace: sample, labels: {{kubernetes.io/service-name: helloworld}}}}\n\
+             ports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"127.0.0.1\"], zone: us-west1-a}}]\n---\n\
+             apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: helloworld, namespace: sample}}\n",
+            backend.port()
+        ),
+    )
+    .unwrap();
+    let _east = east.start(&west, "us-east1");
+    let _west = west.start(&east, "us-west1");
+
+    // Both gateways become ready once their controller has sent config.
+    for c in [&east, &west] {
+        let addr = format!("127.0.0.1:{}", c.gw_ready).parse().unwrap();
+        let t = Instant::now();
+        while isthmus_core::admin::http_get(addr, "/healthz/ready")
+            .await
+            .is_err()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{} gateway never became ready",
+                c.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // East's workload calls helloworld in west through east's gateway.
+    let (client_cert, client_id) = east.workload("sleep");
+    let cfg = Arc::new(isthmus_core::tls::client_config(
+        Some(client_cert),
+        trust,
+        Expect::Exactly(server_id.clone()),
+        &[],
+    ));
+    let sni = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
+    let t = Instant::now();
+    let echoed = loop {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", east.gateway))
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = rustls_pki_types::ServerName::try_from(sni).unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(b"hello from east")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 15];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(buf)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(buf)) => break buf,
+            other => {
+                // The import may not have reached east's gateway yet.
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "no cross-cluster call succeeded: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(&echoed, b"hello from east");
+    // West's workload verified east's workload identity, end to end.
+    let mut identities = Vec::new();
+    while let Ok(r) = seen.try_recv() {
+        identities.push(r);
+    }
+    assert!(identities.contains(&Ok(Some(client_id))), "{identities:?}");
+}
