@@ -44,6 +44,8 @@ pub struct Deps {
     pub certs: Arc<dyn CertSource>,
     pub trust: Arc<TrustStore>,
     pub logs: Option<LogControl>,
+    /// The cluster CA, for the CA service (with `caTokens`).
+    pub ca: Option<Arc<isthmus_core::identity::ClusterCa>>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -293,6 +295,21 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         },
     )
     .max_encoding_message_size(64 * 1024 * 1024);
+    let ca_service = match (&deps.ca, &config.ca_tokens) {
+        (Some(ca), Some(tokens)) => {
+            // Fail at startup, not at the first request, on a bad file.
+            crate::casvc::load_tokens(tokens, ca).map_err(anyhow::Error::msg)?;
+            Some(
+                isthmus_proto::ca::v1::certificate_service_server::CertificateServiceServer::new(
+                    crate::casvc::CaService {
+                        ca: ca.clone(),
+                        tokens_file: tokens.clone(),
+                    },
+                ),
+            )
+        }
+        _ => None,
+    };
     let stop = shared.shutdown.clone();
     let local_drain = drain.clone();
     tokio::spawn(
@@ -301,6 +318,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(config_service)
+                .add_optional_service(ca_service)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(local_listener),
                     async move { stop.signaled().await },

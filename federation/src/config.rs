@@ -55,6 +55,9 @@ pub struct ControllerConfig {
     pub advertise_address: Option<String>,
     /// Where the controller keeps link tokens and linked peers.
     pub state_dir: PathBuf,
+    /// Bootstrap tokens for the CA service (`<token> <ns>/<sa>` or
+    /// `<token> gateway` per line); without it the CA service is off.
+    pub ca_tokens: Option<PathBuf>,
     pub stale_lease: Duration,
     pub heartbeat: Duration,
     pub peers: Vec<PeerConfig>,
@@ -91,6 +94,7 @@ impl FromConfig for ControllerConfig {
         let gateway_address = r.required("gatewayAddress");
         let advertise_address = r.optional("advertiseAddress");
         let state_dir: Option<PathBuf> = r.optional("stateDir");
+        let ca_tokens = r.optional("caTokens");
         let stale_lease = r.or("staleLease", DEFAULT_STALE_LEASE);
         let heartbeat = r.or("heartbeatInterval", DEFAULT_HEARTBEAT);
         let peers: Vec<Option<PeerConfig>> = r
@@ -145,6 +149,7 @@ impl FromConfig for ControllerConfig {
             dashboard_addr,
             gateway_address: gateway_address?,
             advertise_address,
+            ca_tokens,
             state_dir: state_dir
                 .unwrap_or_else(|| source_dir.clone().unwrap_or_default().join(".isthmus")),
             stale_lease,

@@ -6,6 +6,7 @@
 //! next (see docs/architecture.md).
 
 pub mod app;
+pub mod casvc;
 pub mod catalog;
 pub mod config;
 pub mod configstream;

@@ -93,6 +93,7 @@ impl TestCluster {
             dashboard_addr: any,
             gateway_address: "127.0.0.1:15443".into(),
             advertise_address: None,
+            ca_tokens: None,
             state_dir: self.dir.join(".isthmus"),
             stale_lease: lease,
             heartbeat,
@@ -125,6 +126,7 @@ impl TestCluster {
                 certs: leaf(&self.ca, &self.controller_id(), Duration::from_secs(86400)),
                 trust,
                 logs: None,
+                ca: Some(self.ca.clone()),
             },
         )
         .await

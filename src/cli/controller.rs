@@ -56,7 +56,7 @@ pub fn run(args: ControllerArgs, logs: Option<LogControl>) -> anyhow::Result<()>
             bundles.push(TrustBundle::new(p.trust_domain.clone(), roots, 1));
         }
         let trust = TrustStore::with_bundles(bundles)?;
-        let bound = build(config, Deps { certs: cert, trust, logs }).await?;
+        let bound = build(config, Deps { certs: cert, trust, logs, ca: Some(ca) }).await?;
         println!(
             "controller running: federation {}, admin {}, metrics {}, readiness {}",
             bound.federation_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
