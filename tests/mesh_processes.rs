@@ -118,19 +118,32 @@ impl Cluster {
     }
 
     fn start(&self, peer: &Cluster, region: &str) -> (Proc, Proc) {
+        self.start_with(&[peer], region)
+    }
+
+    fn start_with(&self, peers: &[&Cluster], region: &str) -> (Proc, Proc) {
+        let peers: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{name: {p}, address: \"127.0.0.1:{pf}\", trustDomain: {p}.local, trustBundle: {pd}/root/root-cert.pem}}",
+                    p = p.name,
+                    pf = p.federation,
+                    pd = p.dir.display()
+                )
+            })
+            .collect();
         let controller = format!(
             "kind: Controller\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncaDir: {d}/ca\nsourceDir: {d}/manifests\n\
              listen: {{federation: \"127.0.0.1:{f}\", local: \"127.0.0.1:{l}\"}}\ngatewayAddress: \"127.0.0.1:{g}\"\nheartbeatInterval: 200ms\n\
-             peers: [{{name: {p}, address: \"127.0.0.1:{pf}\", trustDomain: {p}.local, trustBundle: {pd}/root/root-cert.pem}}]\n\
+             peers: [{peers}]\n\
              admin: {{admin: \"127.0.0.1:0\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\"}}\n",
             n = self.name,
             d = self.dir.display(),
             f = self.federation,
             l = self.local,
             g = self.gateway,
-            p = peer.name,
-            pf = peer.federation,
-            pd = peer.dir.display(),
+            peers = peers.join(", "),
         );
         let gateway = format!(
             "kind: Gateway\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncontroller: \"127.0.0.1:{l}\"\ncaDir: {d}/ca\n\
@@ -250,4 +263,123 @@ async fn a_workload_in_east_calls_west_through_both_gateways_with_its_own_identi
         identities.push(r);
     }
     assert!(identities.contains(&Ok(Some(client_id))), "{identities:?}");
+}
+
+fn helloworld(backend_port: u16, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: helloworld, namespace: sample}}\nspec: {{ports: [{{name: http, port: 5000}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: hw-1, namespace: sample, labels: {{kubernetes.io/service-name: helloworld}}}}\n\
+         ports: [{{name: http, port: {backend_port}}}]\nendpoints: [{{addresses: [\"127.0.0.1\"], zone: {zone}}}]\n---\n\
+         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: helloworld, namespace: sample}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_process_moves_new_connections_to_the_next_cluster_with_zero_failures() {
+    isthmus_core::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let east = Cluster::new(root.path(), "east");
+    let west = Cluster::new(root.path(), "west");
+    let eu = Cluster::new(root.path(), "eu");
+    let trust = TrustStore::with_bundles([east.bundle(), west.bundle(), eu.bundle()]).unwrap();
+    let mut ids = Vec::new();
+    for c in [&west, &eu] {
+        let (cert, id) = c.workload("helloworld");
+        let (addr, _seen) = isthmus_core::testing::tls_echo_server(
+            isthmus_core::tls::server_config(cert, trust.clone(), Some(Expect::AnyTrusted), &[]),
+        )
+        .await;
+        std::fs::write(
+            c.dir.join("manifests/helloworld.yaml"),
+            helloworld(addr.port(), "z"),
+        )
+        .unwrap();
+        ids.push(id);
+    }
+    // East prefers west (region failover rule), then eu.
+    std::fs::write(
+        east.dir.join("manifests/dr.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: hw, namespace: sample}\n\
+         spec: {host: helloworld.sample.svc.clusterset.local, trafficPolicy: {loadBalancer: {localityLbSetting: {failover: [{from: us-east1, to: us-west1}]}}}}\n",
+    )
+    .unwrap();
+    let _east = east.start_with(&[&west, &eu], "us-east1");
+    let (_west_controller, mut west_gateway) = west.start_with(&[&east, &eu], "us-west1");
+    let _eu = eu.start_with(&[&east, &west], "europe-west1");
+
+    let (client_cert, _) = east.workload("sleep");
+    let expect = Expect::OneOf(Arc::new(std::sync::RwLock::new(
+        ids.iter().cloned().collect(),
+    )));
+    let cfg = Arc::new(isthmus_core::tls::client_config(
+        Some(client_cert),
+        trust,
+        expect,
+        &[],
+    ));
+    let call = || {
+        let cfg = cfg.clone();
+        async move {
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", east.gateway))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let name = rustls_pki_types::ServerName::try_from(
+                    "outbound_.5000_._.helloworld.sample.svc.cluster.local",
+                )
+                .unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let server =
+                    isthmus_core::identity::peer_identity(tls.get_ref().1.peer_certificates())
+                        .map_err(|e| e.to_string())?;
+                tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(
+                    server
+                        .trust_domain()
+                        .as_str()
+                        .trim_end_matches(".local")
+                        .to_owned(),
+                )
+            };
+            tokio::time::timeout(Duration::from_secs(5), attempt)
+                .await
+                .map_err(|_| "timed out".to_string())?
+        }
+    };
+    // Warm: west serves (once everything has synced).
+    let t = Instant::now();
+    loop {
+        if call().await.as_deref() == Ok("west") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "west never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SIGKILL west's gateway process.
+    west_gateway.0.kill().unwrap();
+    west_gateway.0.wait().unwrap();
+    let killed = Instant::now();
+    let mut failures = Vec::new();
+    let mut by_eu = 0;
+    while killed.elapsed() < Duration::from_secs(3) {
+        match call().await {
+            Ok(c) if c == "eu" => by_eu += 1,
+            Ok(c) => failures.push(format!("served by {c} after the kill")),
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed new connections after the kill: {failures:?}"
+    );
+    assert!(by_eu > 3, "eu served {by_eu}");
+    eprintln!(
+        "after SIGKILL of west's gateway: {by_eu} new connections, all served by eu, 0 failed"
+    );
 }
