@@ -62,6 +62,8 @@ struct Cluster {
     local: u16,
     gateway: u16,
     gw_ready: u16,
+    gw_admin: u16,
+    gw_metrics: u16,
 }
 
 impl Cluster {
@@ -85,6 +87,8 @@ impl Cluster {
             local: port(),
             gateway: port(),
             gw_ready: port(),
+            gw_admin: port(),
+            gw_metrics: port(),
         }
     }
 
@@ -148,7 +152,9 @@ impl Cluster {
         let gateway = format!(
             "kind: Gateway\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncontroller: \"127.0.0.1:{l}\"\ncaDir: {d}/ca\n\
              listen: {{sidecars: \"127.0.0.1:{g}\", peers: \"127.0.0.1:{g}\"}}\n\
-             admin: {{admin: \"127.0.0.1:0\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:{r}\"}}\n",
+             admin: {{admin: \"127.0.0.1:{a}\", metrics: \"127.0.0.1:{m}\", readiness: \"127.0.0.1:{r}\"}}\n",
+            a = self.gw_admin,
+            m = self.gw_metrics,
             n = self.name,
             d = self.dir.display(),
             l = self.local,
@@ -361,6 +367,30 @@ async fn a_killed_gateway_process_moves_new_connections_to_the_next_cluster_with
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The mesh has converged: east's gateway sees both peers up (probes
+    // answered, so each accepts east's identity), not only west.
+    let admin = format!("127.0.0.1:{}", east.gw_admin).parse().unwrap();
+    let t = Instant::now();
+    loop {
+        let dump = isthmus_core::admin::http_get(admin, "/config_dump")
+            .await
+            .unwrap_or_default();
+        let up = serde_json::from_str::<serde_json::Value>(&dump)
+            .map(|d| {
+                d["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["health"] == "Up"))
+            })
+            .unwrap_or(false);
+        if up {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "east's gateway never saw both peers up: {dump}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // SIGKILL west's gateway process.
     west_gateway.0.kill().unwrap();
     west_gateway.0.wait().unwrap();
@@ -374,10 +404,24 @@ async fn a_killed_gateway_process_moves_new_connections_to_the_next_cluster_with
             Err(e) => failures.push(e),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "failed new connections after the kill: {failures:?}"
-    );
+    if !failures.is_empty() {
+        let m = isthmus_core::admin::http_get(
+            format!("127.0.0.1:{}", east.gw_metrics).parse().unwrap(),
+            "/metrics",
+        )
+        .await
+        .unwrap_or_default();
+        let why: Vec<&str> = m
+            .lines()
+            .filter(|l| {
+                l.contains("unrouted")
+                    || l.contains("refused")
+                    || l.contains("failover")
+                    || l.contains("peer_up")
+            })
+            .collect();
+        panic!("failed new connections after the kill: {failures:?}\neast gateway: {why:#?}");
+    }
     assert!(by_eu > 3, "eu served {by_eu}");
     eprintln!(
         "after SIGKILL of west's gateway: {by_eu} new connections, all served by eu, 0 failed"

@@ -90,6 +90,54 @@ impl BoundServer {
     }
 }
 
+/// The three standard servers of a component, bound and serving.
+#[derive(Debug)]
+pub struct Servers {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+    /// Receives `/quitquitquit` requests.
+    pub quit: mpsc::Receiver<String>,
+}
+
+/// Binds the admin, metrics and readiness servers of `cfg` (failing at
+/// startup on a busy port) and serves them until the drain.
+pub async fn start_servers(
+    component: &'static str,
+    cfg: &crate::config::AdminSection,
+    sections: Vec<Arc<dyn ConfigDump>>,
+    logs: Option<LogControl>,
+    registry: Registry,
+    ready: Ready,
+    drain: &DrainWatcher,
+) -> Result<Servers, BindError> {
+    let (quit_tx, quit) = mpsc::channel(1);
+    let admin = BoundServer::bind(
+        "admin",
+        cfg.admin,
+        admin_router(AdminState {
+            component,
+            sections: Arc::new(sections),
+            logs,
+            quit: quit_tx,
+        }),
+    )
+    .await?;
+    let metrics =
+        BoundServer::bind("metrics", cfg.metrics, metrics_router(Arc::new(registry))).await?;
+    let readiness = BoundServer::bind("readiness", cfg.readiness, readiness_router(ready)).await?;
+    let out = Servers {
+        admin: admin.local_addr(),
+        metrics: metrics.local_addr(),
+        readiness: readiness.local_addr(),
+        quit,
+    };
+    admin.spawn(drain.clone());
+    metrics.spawn(drain.clone());
+    readiness.spawn(drain.clone());
+    Ok(out)
+}
+
 /// GETs `path` from an admin, metrics or readiness server (HTTP/1.1,
 /// one request); returns the body of a 2xx answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {

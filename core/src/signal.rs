@@ -27,6 +27,15 @@ pub async fn shutdown_requested() -> &'static str {
     }
 }
 
+/// Resolves with why the process should stop: the first SIGTERM/SIGINT,
+/// or a `/quitquitquit` request arriving on `quit`.
+pub async fn stop_requested(quit: &mut tokio::sync::mpsc::Receiver<String>) -> String {
+    tokio::select! {
+        s = shutdown_requested() => s.to_owned(),
+        q = quit.recv() => q.unwrap_or_else(|| "admin".into()),
+    }
+}
+
 /// The drain deadline: Kubernetes' `terminationGracePeriodSeconds` less a
 /// margin, so the last seconds can close what is left before SIGKILL
 /// (5 s, or 1 s for periods under 10 s). Without a grace period, 30 s.

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use isthmus_core::admin::{self, AdminState, BoundServer, ConfigDump};
+use isthmus_core::admin::{self, ConfigDump};
 use isthmus_core::drain::{self, DrainOutcome, DrainTrigger};
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::identity::{SpiffeId, TrustStore};
@@ -196,41 +196,25 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
         .instrument(info_span!("state")),
     );
 
-    let (quit_tx, quit) = mpsc::channel(1);
-    let admin_srv = BoundServer::bind(
-        "admin",
-        config.admin.admin,
-        admin::admin_router(AdminState {
-            component: "gateway",
-            sections: Arc::new(vec![
-                Arc::new(StateDump(deps.state.clone())) as Arc<dyn ConfigDump>,
-                Arc::new(PeersDump(pool.clone(), deps.state.clone())),
-            ]),
-            logs: deps.logs,
-            quit: quit_tx,
-        }),
+    let servers = admin::start_servers(
+        "gateway",
+        &config.admin,
+        vec![
+            Arc::new(StateDump(deps.state.clone())) as Arc<dyn ConfigDump>,
+            Arc::new(PeersDump(pool.clone(), deps.state.clone())),
+        ],
+        deps.logs,
+        registry,
+        ready.clone(),
+        &drain,
     )
     .await?;
-    let metrics_srv = BoundServer::bind(
-        "metrics",
-        config.admin.metrics,
-        admin::metrics_router(Arc::new(registry)),
-    )
-    .await?;
-    let ready_srv = BoundServer::bind(
-        "readiness",
-        config.admin.readiness,
-        admin::readiness_router(ready.clone()),
-    )
-    .await?;
-    let (admin_addr, metrics_addr, readiness_addr) = (
-        admin_srv.local_addr(),
-        metrics_srv.local_addr(),
-        ready_srv.local_addr(),
+    let (admin_addr, metrics_addr, readiness_addr, quit) = (
+        servers.admin,
+        servers.metrics,
+        servers.readiness,
+        servers.quit,
     );
-    admin_srv.spawn(drain.clone());
-    metrics_srv.spawn(drain.clone());
-    ready_srv.spawn(drain.clone());
 
     tokio::spawn(inbound::serve(endpoint.clone(), ctx.clone()).instrument(info_span!("inbound")));
     tokio::spawn(outbound::serve(sidecars, ctx).instrument(info_span!("outbound")));
@@ -281,10 +265,7 @@ impl Bound {
 
     /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down.
     pub async fn wait_termination(mut self, deadline: Duration) -> DrainOutcome {
-        let why = tokio::select! {
-            s = isthmus_core::signal::shutdown_requested() => s.to_owned(),
-            q = self.quit.recv() => q.unwrap_or_else(|| "admin".into()),
-        };
+        let why = isthmus_core::signal::stop_requested(&mut self.quit).await;
         info!(reason = %why, "shutting down");
         self.shutdown(deadline).await
     }

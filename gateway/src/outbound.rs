@@ -20,8 +20,13 @@ use crate::select::candidates;
 use crate::sni::{parse_target, read_client_hello};
 use crate::splice::splice;
 
-/// Clusters tried per connection at most.
+/// Tunnel opens tried per connection at most (a second pass over the
+/// healthy candidates included).
 pub const MAX_ATTEMPTS: usize = 4;
+/// A second pass over candidates that are still up is made only within
+/// this time of the connection's arrival (the client is still waiting
+/// for its TLS handshake).
+pub const RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -121,6 +126,12 @@ async fn connection(mut tcp: TcpStream, ctx: Arc<Ctx>) {
         |c| ctx.pool.health(c),
         &mut rand::rng(),
     );
+    // The pool follows the mesh state in its own task; a connection can
+    // arrive between a state change and that sync. Sync now rather than
+    // refuse a peer the state already names.
+    if order.iter().any(|c| ctx.pool.peer(&c.cluster).is_none()) {
+        ctx.pool.sync(&state.peers);
+    }
     if order.is_empty() {
         unrouted(&ctx, "no_healthy_cluster");
         debug!(service = %target.service, "no cluster has healthy endpoints");
@@ -157,7 +168,25 @@ async fn connection(mut tcp: TcpStream, ctx: Arc<Ctx>) {
         )),
         _ => None,
     };
-    for (i, cand) in order.iter().take(MAX_ATTEMPTS).enumerate() {
+    let arrived = tokio::time::Instant::now();
+    // Clusters that answered with a refusal: their answer stands.
+    let mut refused: Vec<String> = Vec::new();
+    // First every candidate in order; then, if time allows, once more the
+    // ones still up (a starved first pass can time out on a good peer).
+    let second_pass = order.iter().filter(|_| arrived.elapsed() < RETRY_BUDGET);
+    for (i, cand) in order
+        .iter()
+        .chain(second_pass)
+        .take(MAX_ATTEMPTS)
+        .enumerate()
+    {
+        if i >= order.len()
+            && (refused.contains(&cand.cluster)
+                || ctx.pool.health(&cand.cluster) != Health::Up
+                || arrived.elapsed() >= RETRY_BUDGET)
+        {
+            continue;
+        }
         req.attempt = i as u32;
         match ctx.pool.open(&cand.cluster, &req).await {
             Ok((mut send, recv, _resp)) => {
@@ -210,6 +239,9 @@ async fn connection(mut tcp: TcpStream, ctx: Arc<Ctx>) {
                     })
                     .inc();
                 debug!(cluster = %cand.cluster, error = %e, "tunnel open failed; trying the next cluster");
+                if !e.is_transport() {
+                    refused.push(cand.cluster.clone());
+                }
                 previous = Some((cand.cluster.clone(), e.reason()));
             }
         }
