@@ -72,6 +72,13 @@ async fn west(mesh: &Mesh) -> isthmus_gateway::app::Bound {
     tx.send_replace(Arc::new(s));
     // Keep the sender alive with the gateway.
     std::mem::forget(tx);
+    let ready = gw.ready.clone();
+    isthmus_core::testing::assert_eventually(
+        "west gateway ready",
+        Duration::from_secs(10),
+        async || ready.is_ready(),
+    )
+    .await;
     gw
 }
 

@@ -62,6 +62,17 @@ impl Topology {
             ids,
         };
         t.publish(west, eu, dr);
+        // Each gateway applies its state (peers allowed in, pool synced)
+        // before it reports ready.
+        for (name, (gw, _)) in &t.gws {
+            let ready = gw.ready.clone();
+            assert_eventually(
+                &format!("{name} gateway ready"),
+                Duration::from_secs(10),
+                async || ready.is_ready(),
+            )
+            .await;
+        }
         t
     }
 
@@ -345,10 +356,21 @@ fn a_killed_peer_gateway_leaves_rotation_within_a_second_with_zero_failed_new_co
         let any_subset = sni("");
         let east_sidecars = east.sidecar_addr;
         let one = || call(east_c, mesh.trust.clone(), east_sidecars, &any_subset, servers.clone(), b"x");
-        // Warm: west serves.
-        for _ in 0..5 {
-            let (_, id) = one().await.unwrap();
-            assert_eq!(id.trust_domain().as_str(), "west.local");
+        // Every gateway has applied its state before traffic starts.
+        for ready in [east.ready.clone(), eu.ready.clone(), west.ready.clone()] {
+            assert_eventually("gateways ready", Duration::from_secs(10), async || ready.is_ready()).await;
+        }
+        // Warm: west serves (first calls may race the peers' first probes).
+        let warm = tokio::time::Instant::now();
+        let mut served = 0;
+        while served < 5 {
+            match one().await {
+                Ok((_, id)) if id.trust_domain().as_str() == "west.local" => served += 1,
+                other => {
+                    assert!(warm.elapsed() < Duration::from_secs(20), "west does not serve: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
 
         // Kill west's gateway; watch east's view of it every 10 ms.
