@@ -14,6 +14,11 @@ use crate::identity::verify::{
     Expect, PinnedRootVerifier, SpiffeClientVerifier, SpiffeServerVerifier,
 };
 
+/// A certificate source usable on both sides of a handshake: a
+/// `RotatingCert` in production, a `StaticCert` in tests.
+pub trait CertSource: ResolvesServerCert + ResolvesClientCert {}
+impl<T: ResolvesServerCert + ResolvesClientCert> CertSource for T {}
+
 static INSTALL: Once = Once::new();
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Call first thing

@@ -15,9 +15,8 @@ use isthmus_core::identity::{SpiffeId, TrustBundle, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::readiness::Ready;
 use isthmus_core::telemetry::LogControl;
+pub use isthmus_core::tls::CertSource;
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederationServer;
-use rustls::client::ResolvesClientCert;
-use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, info, info_span};
@@ -32,10 +31,6 @@ use crate::link::{PeerFile, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus};
 use crate::source::Store;
 use crate::source::files::FilesSource;
-
-/// A certificate usable as TLS server and client.
-pub trait CertSource: ResolvesServerCert + ResolvesClientCert {}
-impl<T: ResolvesServerCert + ResolvesClientCert> CertSource for T {}
 
 /// What a controller needs from outside: its certificate
 /// (`spiffe://<td>/cluster/<name>/controller`) and the trust bundles of

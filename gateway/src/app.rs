@@ -15,8 +15,7 @@ use isthmus_core::identity::{SpiffeId, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::readiness::Ready;
 use isthmus_core::telemetry::LogControl;
-use rustls::client::ResolvesClientCert;
-use rustls::server::ResolvesServerCert;
+pub use isthmus_core::tls::CertSource;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
@@ -25,11 +24,6 @@ use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::pool::PeerPool;
 use crate::{Ctx, inbound, outbound, quic};
-
-/// A certificate source usable on both sides of a handshake (a
-/// `RotatingCert` in production).
-pub trait CertSource: ResolvesServerCert + ResolvesClientCert {}
-impl<T: ResolvesServerCert + ResolvesClientCert> CertSource for T {}
 
 /// What a gateway needs from outside: its certificate, the trust bundles
 /// of every peer, and the mesh state (from the controller's config
