@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use tracing::{info, warn};
-
-use crate::drain::{DrainOutcome, DrainTrigger};
+use tracing::warn;
 
 /// Resolves with the name of the first SIGTERM or SIGINT received.
 pub async fn shutdown_requested() -> &'static str {
@@ -48,22 +46,12 @@ pub fn drain_deadline(grace_period_secs: Option<u64>) -> Duration {
     }
 }
 
-/// Drains when `stop` resolves (a signal, `/quitquitquit`, a test). A
-/// second signal during the drain exits the process with status 1.
-pub async fn drain_on(
-    stop: impl Future<Output = String>,
-    trigger: DrainTrigger,
-    deadline: Duration,
-) {
-    let why = stop.await;
-    info!(reason = %why, deadline = ?deadline, "draining: no new connections, waiting for open ones");
+/// Runs `drain` (a component's shutdown) to completion, unless another
+/// SIGTERM/SIGINT arrives first: then the process exits at once with
+/// status 1 (the operator's "stop now").
+pub async fn second_signal_exits<F: Future>(drain: F) -> F::Output {
     tokio::select! {
-        outcome = trigger.start_drain_and_wait(deadline) => match outcome {
-            DrainOutcome::Drained => info!("drained"),
-            DrainOutcome::DeadlineExceeded { still_open } => {
-                warn!(still_open, "drain deadline passed; closing the remaining connections")
-            }
-        },
+        out = drain => out,
         sig = shutdown_requested() => {
             warn!(signal = sig, "second signal during drain: exiting now");
             std::process::exit(1);

@@ -55,7 +55,7 @@ impl std::fmt::Debug for Deps {
 #[derive(Debug)]
 pub struct Bound {
     pub federation_addr: SocketAddr,
-    /// The config stream (and, later, CA) port for local proxies.
+    /// The config stream and CA service port for local proxies.
     pub local_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -376,10 +376,11 @@ impl Bound {
         self.trigger.start_drain_and_wait(deadline).await
     }
 
-    /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down.
+    /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down; a
+    /// second signal during the drain exits at once.
     pub async fn wait_termination(mut self, deadline: Duration) -> DrainOutcome {
         let why = isthmus_core::signal::stop_requested(&mut self.quit).await;
         info!(reason = %why, "shutting down");
-        self.shutdown(deadline).await
+        isthmus_core::signal::second_signal_exits(self.shutdown(deadline)).await
     }
 }

@@ -13,7 +13,7 @@ use isthmus_core::model::{
     Endpoint, EndpointGroup, LocalService, Locality, ServiceKey, ServicePort,
 };
 
-use crate::objects::{Body, Kind, ObjectKey};
+use crate::objects::{Body, Kind};
 use crate::source::Objects;
 
 /// A service as exported to peers.
@@ -257,14 +257,5 @@ impl Catalog {
                 (k.clone(), Arc::new(s))
             })
             .collect()
-    }
-}
-
-/// The ServiceExport object key of a service.
-pub fn export_key(key: &ServiceKey) -> ObjectKey {
-    ObjectKey {
-        kind: Kind::ServiceExport,
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
     }
 }

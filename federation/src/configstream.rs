@@ -4,8 +4,8 @@
 //! trust bundles of this cluster and all its peers.
 //!
 //! The local port is plaintext gRPC for now, like Istio's 15010: in the
-//! embedded mode it is bound to loopback. Serving it over mTLS with
-//! workload certificates comes with the CA service.
+//! embedded mode it is bound to loopback. Serving it (and the CA
+//! service) over mTLS with workload certificates is still to do.
 
 use std::pin::Pin;
 use std::sync::Arc;

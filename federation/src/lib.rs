@@ -1,9 +1,10 @@
 //! The per-cluster federation controller (`isthmus controller`).
 //!
-//! Built so far: the configuration schema, the objects it reads, and the
-//! `files` source behind the watch-style source interface. Export,
-//! peering, the federation protocol, import and the config stream come
-//! next (see docs/architecture.md).
+//! Reads its cluster through a watch-style source (`files` now), exports
+//! services with a ServiceExport, peers with other clusters by one-time
+//! tokens, federates catalogues over gRPC and mTLS, writes imports as
+//! ServiceEntries, and serves the config stream and the CA service to
+//! local proxies. See docs/architecture.md for the parts.
 
 pub mod app;
 pub mod casvc;

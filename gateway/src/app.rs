@@ -257,10 +257,11 @@ impl Bound {
         outcome
     }
 
-    /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down.
+    /// Runs until SIGTERM/SIGINT or `/quitquitquit`, then shuts down; a
+    /// second signal during the drain exits at once.
     pub async fn wait_termination(mut self, deadline: Duration) -> DrainOutcome {
         let why = isthmus_core::signal::stop_requested(&mut self.quit).await;
         info!(reason = %why, "shutting down");
-        self.shutdown(deadline).await
+        isthmus_core::signal::second_signal_exits(self.shutdown(deadline)).await
     }
 }

@@ -173,10 +173,9 @@ async fn connection(mut tcp: TcpStream, ctx: Arc<Ctx>) {
     let mut refused: Vec<String> = Vec::new();
     // First every candidate in order; then, if time allows, once more the
     // ones still up (a starved first pass can time out on a good peer).
-    let second_pass = order.iter().filter(|_| arrived.elapsed() < RETRY_BUDGET);
     for (i, cand) in order
         .iter()
-        .chain(second_pass)
+        .chain(order.iter())
         .take(MAX_ATTEMPTS)
         .enumerate()
     {

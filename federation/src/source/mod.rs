@@ -62,11 +62,6 @@ impl Store {
         )
     }
 
-    /// Whether the first list has completed.
-    pub fn is_ready(&self) -> bool {
-        self.ready
-    }
-
     /// Applies one event; publishes when the visible state changed.
     pub fn apply(&mut self, event: Event) {
         match event {
