@@ -436,6 +436,20 @@ impl FromField for SocketAddr {
     }
 }
 
+/// A map of strings (labels).
+impl FromField for std::collections::BTreeMap<String, String> {
+    const EXPECTED: &'static str = "a mapping of strings, like `app: web`";
+    fn from_field(v: &Value) -> Result<Self, FieldProblem> {
+        v.as_object()
+            .and_then(|m| {
+                m.iter()
+                    .map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .ok_or_else(|| mismatch::<Self>(v))
+    }
+}
+
 /// A duration written as `500ms`, `10s`, `5m`, `24h` or `1h30m`.
 impl FromField for Duration {
     const EXPECTED: &'static str = "a duration like 500ms, 10s, 5m or 24h";

@@ -21,8 +21,9 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::identity::{TrustBundle, TrustDomain, TrustStore};
 use crate::model::{
-    DestinationRule, Endpoint, EndpointGroup, ImportedService, LocalService, Locality, MeshState,
-    PeerGateway, RemoteCluster, ServiceKey, ServicePort,
+    AuthorizationPolicy, DestinationRule, Endpoint, EndpointGroup, ImportedService, LocalService,
+    Locality, MeshState, PeerAuthentication, PeerGateway, RemoteCluster, ServiceKey, ServicePort,
+    VirtualService,
 };
 
 fn loc(l: &Locality) -> pbc::Locality {
@@ -186,15 +187,55 @@ pub fn to_resources(
             locality: Some(loc(&g.locality)),
         }));
     }
-    for dr in state.destination_rules.values() {
-        out.push(R::Policy(pb::Policy {
-            kind: "DestinationRule".into(),
-            api_version: "networking.istio.io/v1".into(),
-            namespace: dr.namespace.clone(),
-            name: dr.name.clone(),
-            spec_json: dr.spec_json.clone().into_bytes(),
+    let policy = |kind: &str, api: &str, ns: &str, name: &str, spec: &str| {
+        R::Policy(pb::Policy {
+            kind: kind.into(),
+            api_version: api.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            spec_json: spec.as_bytes().to_vec(),
             generation: 0,
-        }));
+        })
+    };
+    for p in state.destination_rules.values() {
+        let api = "networking.istio.io/v1";
+        out.push(policy(
+            "DestinationRule",
+            api,
+            &p.namespace,
+            &p.name,
+            &p.spec_json,
+        ));
+    }
+    for p in state.virtual_services.values() {
+        let api = "networking.istio.io/v1";
+        out.push(policy(
+            "VirtualService",
+            api,
+            &p.namespace,
+            &p.name,
+            &p.spec_json,
+        ));
+    }
+    for p in state.peer_authentications.values() {
+        let api = "security.istio.io/v1";
+        out.push(policy(
+            "PeerAuthentication",
+            api,
+            &p.namespace,
+            &p.name,
+            &p.spec_json,
+        ));
+    }
+    for p in state.authorization_policies.values() {
+        let api = "security.istio.io/v1";
+        out.push(policy(
+            "AuthorizationPolicy",
+            api,
+            &p.namespace,
+            &p.name,
+            &p.spec_json,
+        ));
     }
     for b in bundles {
         out.push(R::TrustBundle(pbc::TrustBundle {
@@ -328,7 +369,29 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                         .destination_rules
                         .insert(dr.service.clone(), Arc::new(dr));
                 }
-                R::Policy(_) => {}
+                R::Policy(p) => {
+                    let spec: serde_json::Value =
+                        serde_json::from_slice(&p.spec_json).map_err(|e| e.to_string())?;
+                    let key = format!("{}/{}", p.namespace, p.name);
+                    match p.kind.as_str() {
+                        "VirtualService" => {
+                            let v = VirtualService::from_spec(&p.namespace, &p.name, &spec)
+                                .map_err(|e| e.to_string())?;
+                            state.virtual_services.insert(key, Arc::new(v));
+                        }
+                        "PeerAuthentication" => {
+                            let v = PeerAuthentication::from_spec(&p.namespace, &p.name, &spec)
+                                .map_err(|e| e.to_string())?;
+                            state.peer_authentications.insert(key, Arc::new(v));
+                        }
+                        "AuthorizationPolicy" => {
+                            let v = AuthorizationPolicy::from_spec(&p.namespace, &p.name, &spec)
+                                .map_err(|e| e.to_string())?;
+                            state.authorization_policies.insert(key, Arc::new(v));
+                        }
+                        other => return Err(format!("unknown policy kind {other:?}")),
+                    }
+                }
                 R::TrustBundle(b) => {
                     let td = TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?;
                     bundles.push(TrustBundle::new(

@@ -7,6 +7,7 @@
 //! `Arc<MeshState>` from a `watch` channel, swapped whole on each update.
 
 pub mod istio;
+pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -15,7 +16,8 @@ use std::sync::Arc;
 
 use crate::identity::TrustDomain;
 
-pub use istio::{DestinationRule, LocalityLbSetting, OutlierDetection};
+pub use istio::{ConnectionPool, DestinationRule, LocalityLbSetting, OutlierDetection};
+pub use policy::{AuthorizationPolicy, PeerAuthentication, VirtualService};
 
 /// Where something runs (Kubernetes node labels). Empty means unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -233,4 +235,23 @@ pub struct MeshState {
     pub peers: BTreeMap<String, PeerGateway>,
     /// DestinationRules by the service their host names.
     pub destination_rules: BTreeMap<ServiceKey, Arc<DestinationRule>>,
+    /// VirtualServices by `namespace/name`.
+    pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
+    /// PeerAuthentications by `namespace/name`.
+    pub peer_authentications: BTreeMap<String, Arc<PeerAuthentication>>,
+    /// AuthorizationPolicies by `namespace/name`.
+    pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
+}
+
+impl MeshState {
+    /// Whether the parts sent to proxies differ (the version aside).
+    pub fn same_content(&self, other: &MeshState) -> bool {
+        self.local == other.local
+            && self.imported == other.imported
+            && self.peers == other.peers
+            && self.destination_rules == other.destination_rules
+            && self.virtual_services == other.virtual_services
+            && self.peer_authentications == other.peer_authentications
+            && self.authorization_policies == other.authorization_policies
+    }
 }

@@ -52,6 +52,38 @@ pub struct Catalog {
     pub listed: bool,
     /// DestinationRules by the service they name (for the config stream).
     pub destination_rules: BTreeMap<ServiceKey, Arc<isthmus_core::model::DestinationRule>>,
+    /// VirtualServices by `namespace/name`.
+    pub virtual_services: BTreeMap<String, Arc<isthmus_core::model::VirtualService>>,
+    /// PeerAuthentications by `namespace/name`.
+    pub peer_authentications: BTreeMap<String, Arc<isthmus_core::model::PeerAuthentication>>,
+    /// AuthorizationPolicies by `namespace/name`.
+    pub authorization_policies: BTreeMap<String, Arc<isthmus_core::model::AuthorizationPolicy>>,
+}
+
+/// Parses every policy object of `kind` with `parse`, keyed by
+/// `namespace/name`; one that does not parse is skipped with a warning
+/// naming it and the fix (the rest still apply).
+fn policies<T>(
+    objects: &Objects,
+    kind: Kind,
+    parse: impl Fn(&str, &str, &serde_json::Value) -> Result<T, isthmus_core::model::istio::PolicyError>,
+) -> BTreeMap<String, Arc<T>> {
+    objects
+        .values()
+        .filter(|o| o.key.kind == kind)
+        .filter_map(|o| {
+            let Body::Policy { spec, .. } = &o.body else {
+                return None;
+            };
+            match parse(&o.key.namespace, &o.key.name, spec) {
+                Ok(p) => Some((format!("{}/{}", o.key.namespace, o.key.name), Arc::new(p))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy skipped; the others still apply");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 impl Catalog {
@@ -224,6 +256,21 @@ impl Catalog {
                     }
                 })
                 .collect(),
+            virtual_services: policies(
+                objects,
+                Kind::VirtualService,
+                isthmus_core::model::VirtualService::from_spec,
+            ),
+            peer_authentications: policies(
+                objects,
+                Kind::PeerAuthentication,
+                isthmus_core::model::PeerAuthentication::from_spec,
+            ),
+            authorization_policies: policies(
+                objects,
+                Kind::AuthorizationPolicy,
+                isthmus_core::model::AuthorizationPolicy::from_spec,
+            ),
         }
     }
 

@@ -537,14 +537,13 @@ pub async fn reconcile_loop(
                 imported: imports.services.clone(),
                 peers: gateways,
                 destination_rules: cat.destination_rules.clone(),
+                virtual_services: cat.virtual_services.clone(),
+                peer_authentications: cat.peer_authentications.clone(),
+                authorization_policies: cat.authorization_policies.clone(),
             };
             let changed = {
                 let cur = mesh.borrow();
-                cur.local != next.local
-                    || cur.imported != next.imported
-                    || cur.peers != next.peers
-                    || cur.destination_rules != next.destination_rules
-                    || version == 0
+                !cur.same_content(&next) || version == 0
             };
             if changed {
                 version += 1;

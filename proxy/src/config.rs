@@ -1,12 +1,14 @@
 //! `kind: Proxy` configuration.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use isthmus_core::config::{
     AdminSection, ClusterSection, FieldError, FromConfig, Reader, check_kind,
 };
 
-/// Default outbound listener (HTTP forward proxy, h2c, transparent).
+/// Default outbound listener (HTTP forward proxy, h2c).
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 /// Default inbound listener (mTLS, plaintext when PERMISSIVE).
 pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
@@ -19,6 +21,12 @@ pub struct WorkloadSection {
     pub service_account: String,
     /// The local application's address.
     pub app: SocketAddr,
+    /// The pod's labels (PeerAuthentication / AuthorizationPolicy
+    /// selectors match them).
+    pub labels: BTreeMap<String, String>,
+    /// The workload's zone inside the cluster's region (locality
+    /// preference); empty: the cluster's.
+    pub zone: String,
 }
 
 /// The sidecar's whole configuration.
@@ -26,10 +34,19 @@ pub struct WorkloadSection {
 pub struct ProxyConfig {
     pub cluster: ClusterSection,
     pub workload: WorkloadSection,
-    /// The local controller (host:port, 15010).
+    /// The local controller (IP:port, 15010): config stream and CA.
     pub controller: String,
+    /// The bootstrap token for the controller's CA service.
+    pub token_file: Option<PathBuf>,
+    /// The local east-west gateway (IP:port, tcp/15443): the remote tier.
+    pub gateway: Option<SocketAddr>,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
+    /// Transparent outbound listener (iptables REDIRECT target; the
+    /// original destination is read with SO_ORIGINAL_DST).
+    pub transparent_addr: Option<SocketAddr>,
+    /// JSON access log on stdout.
+    pub access_log: bool,
     pub admin: AdminSection,
 }
 
@@ -45,25 +62,37 @@ impl FromConfig for ProxyConfig {
             w.required("serviceAccount"),
             w.required("app"),
         );
+        let labels = w.or("labels", BTreeMap::new());
+        let zone = w.or("zone", String::new());
         let workload = Some(WorkloadSection {
             name: name?,
             namespace: namespace?,
             service_account: service_account?,
             app: app?,
+            labels,
+            zone,
         });
         w.finish();
         let controller = r.required("controller");
+        let token_file = r.optional("tokenFile");
+        let gateway = r.optional("gateway");
+        let access_log = r.or("accessLog", true);
         let listen = r.object("listen");
         let outbound_addr = listen.or("outbound", DEFAULT_OUTBOUND_ADDR.parse().expect("default"));
         let inbound_addr = listen.or("inbound", DEFAULT_INBOUND_ADDR.parse().expect("default"));
+        let transparent_addr = listen.optional("transparent");
         listen.finish();
         let admin = r.section::<AdminSection>("admin");
         Some(Self {
             cluster: cluster?,
             workload: workload?,
             controller: controller?,
+            token_file,
+            gateway,
             outbound_addr,
             inbound_addr,
+            transparent_addr,
+            access_log,
             admin: admin?,
         })
     }
@@ -74,6 +103,13 @@ impl FromConfig for ProxyConfig {
                 path: "listen.inbound".into(),
                 message: "inbound and outbound listen on the same address".into(),
                 fix: "use 15001 for outbound and 15006 for inbound".into(),
+            });
+        }
+        if self.workload.app == self.inbound_addr {
+            errors.push(FieldError {
+                path: "workload.app".into(),
+                message: "the app's address is the sidecar's inbound listener".into(),
+                fix: "point workload.app at the application's own port".into(),
             });
         }
     }

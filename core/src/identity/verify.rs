@@ -76,6 +76,10 @@ pub enum Expect {
     /// One of a set that may change at run time (a gateway accepting the
     /// configured peers' gateways).
     OneOf(Arc<RwLock<BTreeSet<SpiffeId>>>),
+    /// Any workload of this namespace, in any trusted domain (a sidecar
+    /// dialing an endpoint of a service: namespace sameness across
+    /// clusters).
+    InNamespace(String),
 }
 
 impl Expect {
@@ -84,6 +88,9 @@ impl Expect {
             Expect::AnyTrusted => true,
             Expect::Exactly(want) => want == id,
             Expect::OneOf(set) => set.read().unwrap_or_else(|e| e.into_inner()).contains(id),
+            Expect::InNamespace(ns) => {
+                matches!(id.role(), Role::Workload { namespace, .. } if namespace == ns)
+            }
         };
         if ok {
             return Ok(());
@@ -96,6 +103,7 @@ impl Expect {
                 let names: Vec<String> = set.iter().map(|s| s.to_string()).collect();
                 format!("one of [{}]", names.join(", "))
             }
+            Expect::InNamespace(ns) => format!("a workload of namespace {ns}"),
         };
         Err(VerifyError::Unexpected {
             got: id.clone(),

@@ -43,6 +43,27 @@ struct SubsetSpec {
 struct TrafficPolicySpec {
     load_balancer: Option<LoadBalancerSpec>,
     outlier_detection: Option<OutlierSpec>,
+    connection_pool: Option<ConnectionPoolSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectionPoolSpec {
+    tcp: Option<TcpPoolSpec>,
+    http: Option<HttpPoolSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TcpPoolSpec {
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HttpPoolSpec {
+    http1_max_pending_requests: Option<u32>,
+    http2_max_requests: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +153,33 @@ impl Default for OutlierDetection {
     }
 }
 
+/// `connectionPool` limits, per destination service and sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`.
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests`.
+    pub max_pending: Option<u32>,
+    /// `http.http2MaxRequests`.
+    pub max_requests: Option<u32>,
+}
+
+impl ConnectionPool {
+    /// Requests allowed in flight at once; more are answered 503.
+    /// Isthmus multiplexes requests over HTTP/2, so a connection limit
+    /// bounds concurrent requests like Envoy's HTTP/1 pool does, and
+    /// pending requests add to it.
+    pub fn max_in_flight(&self) -> Option<u32> {
+        let conns = self
+            .max_connections
+            .map(|c| c.saturating_add(self.max_pending.unwrap_or(0)));
+        match (conns, self.max_requests) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// A DestinationRule's data-path meaning.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DestinationRule {
@@ -145,6 +193,7 @@ pub struct DestinationRule {
     pub locality_lb: Option<LocalityLbSetting>,
     /// `None` when unset (Isthmus's default detection applies).
     pub outlier: Option<OutlierDetection>,
+    pub connection_pool: ConnectionPool,
     /// The spec as received, for passing on (config stream).
     #[serde(skip)]
     pub spec_json: String,
@@ -175,11 +224,7 @@ impl DestinationRule {
         };
         let spec_text = spec.to_string();
         let spec: DrSpec = serde_json::from_value(spec.clone()).map_err(|e| err(e.to_string()))?;
-        let host = match spec.host.matches('.').count() {
-            0 => format!("{}.{namespace}.svc.cluster.local", spec.host),
-            1 => format!("{}.svc.cluster.local", spec.host),
-            _ => spec.host.clone(),
-        };
+        let host = super::policy::qualify_host(&spec.host, namespace);
         let (service, scope) = ServiceKey::from_host(&host).ok_or_else(|| {
             err(format!(
                 "host {:?} is not a service name; use <svc>, <svc>.<ns>, or <svc>.<ns>.svc.cluster.local / .svc.clusterset.local",
@@ -193,6 +238,14 @@ impl DestinationRule {
             }
         }
         let tp = spec.traffic_policy.unwrap_or_default();
+        let connection_pool = tp
+            .connection_pool
+            .map(|c| ConnectionPool {
+                max_connections: c.tcp.and_then(|t| t.max_connections),
+                max_pending: c.http.as_ref().and_then(|h| h.http1_max_pending_requests),
+                max_requests: c.http.and_then(|h| h.http2_max_requests),
+            })
+            .unwrap_or_default();
         let lbs = tp.load_balancer.unwrap_or_default();
         let lb = match lbs.simple.as_deref() {
             None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LbPolicy::RoundRobin,
@@ -252,6 +305,7 @@ impl DestinationRule {
             lb,
             locality_lb,
             outlier,
+            connection_pool,
         })
     }
 }

@@ -1,0 +1,318 @@
+//! Inbound (15006): mTLS from other sidecars (and the gateway's tunnels,
+//! which carry the same end-to-end mTLS), plaintext only when
+//! PeerAuthentication allows it; AuthorizationPolicy on the caller's
+//! identity and the normalized path; then the local app.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::identity::spiffe::Role;
+use isthmus_core::identity::verify::peer_identity;
+use isthmus_core::model::MeshState;
+use isthmus_core::model::policy::{AuthzAction, MtlsMode, RequestFacts};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::Ctx;
+use crate::http::{PEER_HEADER, Record, local_reply, parse_peer_header, strip_hop_by_hop};
+use crate::path;
+use crate::routes::split_authority;
+use crate::telemetry::{ReasonLabels, Reporter, flags};
+use crate::upstream::{Body, incoming};
+
+/// Istio's root namespace: policies there without a selector apply to
+/// the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The mTLS mode for a workload: workload-specific, else namespace, else
+/// mesh-wide, else PERMISSIVE (Istio's precedence and default).
+pub fn mtls_mode(
+    state: &MeshState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> MtlsMode {
+    let (mut workload, mut ns, mut mesh) = (None, None, None);
+    for pa in state.peer_authentications.values() {
+        match &pa.selector {
+            Some(sel)
+                if pa.namespace == namespace
+                    && sel.iter().all(|(k, v)| labels.get(k) == Some(v)) =>
+            {
+                workload = pa.mode.or(workload);
+            }
+            None if pa.namespace == namespace => ns = pa.mode.or(ns),
+            None if pa.namespace == ROOT_NAMESPACE => mesh = pa.mode.or(mesh),
+            _ => {}
+        }
+    }
+    workload.or(ns).or(mesh).unwrap_or_default()
+}
+
+/// Istio's verdict: a matching DENY denies; with ALLOW policies present,
+/// one must match. Returns the deciding policy on denial.
+pub fn authorize(
+    state: &MeshState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    facts: &RequestFacts<'_>,
+) -> Result<(), String> {
+    let applicable: Vec<_> = state
+        .authorization_policies
+        .values()
+        .filter(|p| p.applies_to(namespace, labels, ROOT_NAMESPACE))
+        .collect();
+    for p in applicable.iter().filter(|p| p.action == AuthzAction::Deny) {
+        if p.matches(facts) {
+            return Err(format!("denied by DENY policy {}/{}", p.namespace, p.name));
+        }
+    }
+    let allows: Vec<_> = applicable
+        .iter()
+        .filter(|p| p.action == AuthzAction::Allow)
+        .collect();
+    if allows.is_empty() || allows.iter().any(|p| p.matches(facts)) {
+        return Ok(());
+    }
+    let names: Vec<String> = allows
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    Err(format!("no ALLOW policy matched ({})", names.join(", ")))
+}
+
+/// Accepts inbound connections until the drain starts.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let drain = ctx.drain.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.signaled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(ctx.clone(), stream, peer));
+    }
+}
+
+async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+    let reject = |reason: &'static str| {
+        ctx.metrics
+            .rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let drain = ctx.drain.clone();
+    if first[0] == 0x16 {
+        let acceptor = TlsAcceptor::from(ctx.inbound_tls.clone());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                reject("tls_handshake");
+                warn!(peer = %peer, error = %e, "inbound mTLS handshake failed (is the caller's trust domain in this cluster's bundles?)");
+                return;
+            }
+            Err(_) => {
+                reject("tls_handshake_timeout");
+                return;
+            }
+        };
+        let id = match peer_identity(tls.get_ref().1.peer_certificates()) {
+            Ok(id) => Arc::new(id),
+            Err(e) => {
+                reject("no_identity");
+                warn!(peer = %peer, error = %e, "inbound mTLS peer has no usable identity");
+                return;
+            }
+        };
+        crate::http::serve_connection(tls, drain, move |req| {
+            let ctx = ctx.clone();
+            let id = id.clone();
+            async move { handle(ctx, req, peer, Some(id)).await }
+        })
+        .await;
+    } else {
+        let state = ctx.table.borrow().state.clone();
+        if mtls_mode(&state, &ctx.workload.namespace, &ctx.workload.labels) == MtlsMode::Strict {
+            reject("plaintext_under_strict");
+            warn!(peer = %peer, workload = %ctx.workload.name,
+                "plaintext connection refused: PeerAuthentication is STRICT for this workload (send mTLS through a sidecar, or set PERMISSIVE)");
+            return;
+        }
+        crate::http::serve_connection(stream, drain, move |req| {
+            let ctx = ctx.clone();
+            async move { handle(ctx, req, peer, None).await }
+        })
+        .await;
+    }
+}
+
+async fn handle(
+    ctx: Arc<Ctx>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    id: Option<Arc<SpiffeId>>,
+) -> Response<Body> {
+    let mut rec = Record::new(Reporter::destination, peer, &req);
+    let resp = forward(&ctx, req, &mut rec, id.as_deref()).await;
+    rec.finish(&ctx.metrics, &ctx.log, resp.status());
+    resp
+}
+
+async fn forward(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    rec: &mut Record,
+    id: Option<&SpiffeId>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    rec.labels.destination_workload = ctx.workload.name.clone();
+    rec.labels.destination_cluster = ctx.cluster.clone();
+    rec.request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    rec.authority = authority.clone();
+    if let Some((host, _)) = split_authority(&authority) {
+        rec.labels.destination_service = host.to_owned();
+        if let Some((name, rest)) = host.split_once('.') {
+            rec.labels.destination_service_name = name.to_owned();
+            rec.labels.destination_service_namespace =
+                rest.split('.').next().unwrap_or("").to_owned();
+        }
+    }
+    let principal = id.map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
+    let source_ns = id.and_then(|i| match i.role() {
+        Role::Workload { namespace, .. } => Some(namespace.to_owned()),
+        _ => None,
+    });
+    match id {
+        Some(_) => {
+            rec.labels.connection_security_policy = "mutual_tls";
+            rec.labels.source_principal = principal.clone().unwrap_or_default();
+            if let Some(ns) = &source_ns {
+                rec.labels.source_workload_namespace = ns.clone();
+            }
+            if let Some(v) = parts.headers.get(PEER_HEADER) {
+                let (cluster, workload) = parse_peer_header(v);
+                if let Some(c) = cluster {
+                    rec.labels.source_cluster = c;
+                }
+                if let Some(w) = workload {
+                    rec.labels.source_workload = w;
+                }
+            }
+        }
+        None => rec.labels.connection_security_policy = "none",
+    }
+    parts.headers.remove(PEER_HEADER);
+
+    let norm = match path::normalize(parts.uri.path()) {
+        Ok(p) => p,
+        Err(e) => {
+            rec.labels.response_flags = flags::BAD_REQUEST;
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                &format!("bad path: {e}"),
+                "bad path",
+            );
+        }
+    };
+    let state = ctx.table.borrow().state.clone();
+    let facts = RequestFacts {
+        principal: principal.as_deref(),
+        namespace: source_ns.as_deref(),
+        method: parts.method.as_str(),
+        path: &norm,
+    };
+    if let Err(why) = authorize(
+        &state,
+        &ctx.workload.namespace,
+        &ctx.workload.labels,
+        &facts,
+    ) {
+        rec.labels.response_flags = flags::RBAC_DENIED;
+        rec.reason = Some(why.clone());
+        debug!(principal = ?principal, path = %norm, reason = %why, "request denied");
+        return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", &why);
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    // The caller's identity for the app, as Istio's XFCC; never taken
+    // from the caller.
+    parts.headers.remove("x-forwarded-client-cert");
+    if let Some(i) = id {
+        let v = format!("By={};URI={i}", ctx.identity);
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            parts.headers.insert("x-forwarded-client-cert", v);
+        }
+    }
+    if !authority.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(hyper::header::HOST, v);
+    }
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", path::encode(&norm)),
+        None => path::encode(&norm),
+    };
+    parts.uri = match format!("http://{}{pq}", ctx.workload.app).parse() {
+        Ok(u) => u,
+        Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("bad URI: {e}"), "bad uri"),
+    };
+    parts.version = hyper::Version::HTTP_11;
+    rec.upstream = Some(ctx.workload.app);
+    match ctx
+        .app
+        .request(Request::from_parts(parts, incoming(body)))
+        .await
+    {
+        Ok(r) => {
+            let (mut p, b) = r.into_parts();
+            strip_hop_by_hop(&mut p.headers);
+            Response::from_parts(p, incoming(b))
+        }
+        Err(e) => {
+            rec.labels.response_flags = flags::UPSTREAM_CONNECT_FAILURE;
+            warn!(app = %ctx.workload.app, error = %e, "the local app did not answer (is it running on workload.app?)");
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                "local app unreachable",
+            )
+        }
+    }
+}

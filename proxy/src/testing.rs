@@ -1,0 +1,379 @@
+//! (feature `testing`) Sidecars with sample apps on loopback, fed mesh
+//! state directly, plus a small HTTP/1.1 client that talks to a sidecar
+//! as `curl -x` does. PKI and gateways come from the gateway's harness,
+//! so the remote tier runs through real gateways and real QUIC.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use isthmus_core::config::{AdminSection, ClusterName, ClusterSection};
+use isthmus_core::identity::TrustStore;
+use isthmus_core::model::*;
+pub use isthmus_gateway::testing::{Cluster, DAY, Mesh, metric, scrape};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::app::{self, Bound, Deps};
+use crate::config::{ProxyConfig, WorkloadSection};
+
+pub const NS: &str = "sample";
+pub const PORT: u16 = 5000;
+pub const HOST: &str = "helloworld.sample.svc.cluster.local:5000";
+
+/// How a sample app answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Ok,
+    Status(u16),
+    Delay(Duration),
+}
+
+/// A sample app: answers `<cluster> <name> <version> <path>` and echoes
+/// the headers a test may look at as `x-seen-<name>`.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    pub mode: Arc<Mutex<Mode>>,
+}
+
+impl App {
+    pub fn set(&self, m: Mode) {
+        *self.mode.lock().unwrap() = m;
+    }
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+const ECHOED: [&str; 6] = [
+    "x-forwarded-client-cert",
+    "x-request-id",
+    "traceparent",
+    "x-b3-traceid",
+    "x-isthmus-peer",
+    "host",
+];
+
+pub async fn app(cluster: &str, name: &str, version: &str) -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let a = App {
+        addr,
+        hits: Arc::default(),
+        mode: Arc::new(Mutex::new(Mode::Ok)),
+    };
+    let (hits, mode) = (a.hits.clone(), a.mode.clone());
+    let who = format!("{cluster} {name} {version}");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let (hits, mode, who) = (hits.clone(), mode.clone(), who.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (hits, mode, who) = (hits.clone(), mode.clone(), who.clone());
+                    async move {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        let m = *mode.lock().unwrap();
+                        let mut status = 200;
+                        match m {
+                            Mode::Ok => {}
+                            Mode::Status(s) => status = s,
+                            Mode::Delay(d) => tokio::time::sleep(d).await,
+                        }
+                        let mut resp = Response::builder().status(status);
+                        for h in ECHOED {
+                            if let Some(v) = req.headers().get(h) {
+                                resp = resp.header(format!("x-seen-{h}"), v);
+                            }
+                        }
+                        let body = format!("{who} {}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(
+                            resp.body(Full::new(Bytes::from(body))).unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    a
+}
+
+/// A workload: its app and its sidecar.
+#[derive(Debug)]
+pub struct Workload {
+    pub name: String,
+    pub version: String,
+    pub zone: String,
+    pub app: App,
+    pub sidecar: Bound,
+    /// The sidecar's access log lines.
+    pub log: Mutex<tokio::sync::mpsc::Receiver<serde_json::Value>>,
+}
+
+impl Workload {
+    /// Access log lines written so far (and not taken before).
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        let mut rx = self.log.lock().unwrap();
+        let mut out = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            out.push(l);
+        }
+        out
+    }
+}
+
+/// Sidecar config for a workload of `c`.
+pub fn config(
+    c: &Cluster,
+    name: &str,
+    sa: &str,
+    labels: &[(&str, &str)],
+    zone: &str,
+    app: SocketAddr,
+    gateway: Option<SocketAddr>,
+) -> ProxyConfig {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    ProxyConfig {
+        cluster: ClusterSection {
+            name: ClusterName(c.name.into()),
+            trust_domain: c.domain.td.clone(),
+            locality: c.locality.clone(),
+        },
+        workload: WorkloadSection {
+            name: name.into(),
+            namespace: NS.into(),
+            service_account: sa.into(),
+            app,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            zone: zone.into(),
+        },
+        controller: "127.0.0.1:15010".into(),
+        token_file: None,
+        gateway,
+        outbound_addr: any,
+        inbound_addr: any,
+        transparent_addr: None,
+        access_log: std::env::var_os("ISTHMUS_TEST_ACCESS_LOG").is_some(),
+        admin: AdminSection {
+            admin: any,
+            metrics: any,
+            readiness: any,
+        },
+    }
+}
+
+/// Starts a workload (app + sidecar) in `c`.
+#[allow(clippy::too_many_arguments)]
+pub async fn workload(
+    c: &Cluster,
+    trust: Arc<TrustStore>,
+    state: watch::Receiver<Arc<MeshState>>,
+    name: &str,
+    version: &str,
+    zone: &str,
+    gateway: Option<SocketAddr>,
+) -> Workload {
+    let app = app(c.name, name, version).await;
+    let sa = name.split('-').next().unwrap_or(name);
+    let cfg = config(
+        c,
+        name,
+        sa,
+        &[("app", sa), ("version", version)],
+        zone,
+        app.addr,
+        gateway,
+    );
+    let (log, log_rx) = crate::telemetry::AccessLog::channel(Default::default());
+    let sidecar = app::build(
+        cfg,
+        Deps {
+            certs: isthmus_core::testing::leaf(&c.ca, &c.workload_id(sa), DAY),
+            trust,
+            state,
+            logs: None,
+            access_log: Some(log),
+        },
+    )
+    .await
+    .unwrap();
+    Workload {
+        log: Mutex::new(log_rx),
+        name: name.into(),
+        version: version.into(),
+        zone: zone.into(),
+        app,
+        sidecar,
+    }
+}
+
+/// `helloworld.sample` with these workloads as endpoints (their
+/// sidecars' inbound addresses; zone under the cluster's region).
+pub fn helloworld(c: &Cluster, endpoints: &[&Workload], exported_to: &[&str]) -> Arc<LocalService> {
+    Arc::new(LocalService {
+        key: ServiceKey::new(NS, "helloworld"),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: PORT,
+            target_port: PORT,
+            protocol: "TCP".into(),
+        }],
+        endpoints: endpoints
+            .iter()
+            .map(|w| Endpoint {
+                address: w.sidecar.inbound_addr.ip(),
+                ports: [("http".to_owned(), w.sidecar.inbound_addr.port())].into(),
+                ready: true,
+                locality: Locality::new(&c.locality.region, &w.zone),
+                labels: [
+                    ("app".to_owned(), "helloworld".to_owned()),
+                    ("version".to_owned(), w.version.clone()),
+                ]
+                .into(),
+                workload: w.name.clone(),
+            })
+            .collect(),
+        exported_to: exported_to.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// Parses a policy and puts it in `state`, as the config stream would.
+pub fn policy(state: &mut MeshState, kind: &str, name: &str, spec: serde_json::Value) {
+    let key = format!("{NS}/{name}");
+    match kind {
+        "VirtualService" => {
+            let p = VirtualService::from_spec(NS, name, &spec).unwrap();
+            state.virtual_services.insert(key, Arc::new(p));
+        }
+        "DestinationRule" => {
+            let p = DestinationRule::from_spec(NS, name, &spec).unwrap();
+            state
+                .destination_rules
+                .insert(p.service.clone(), Arc::new(p));
+        }
+        "PeerAuthentication" => {
+            let p = PeerAuthentication::from_spec(NS, name, &spec).unwrap();
+            state.peer_authentications.insert(key, Arc::new(p));
+        }
+        "AuthorizationPolicy" => {
+            let p = AuthorizationPolicy::from_spec(NS, name, &spec).unwrap();
+            state.authorization_policies.insert(key, Arc::new(p));
+        }
+        other => panic!("unknown kind {other}"),
+    }
+}
+
+/// Publishes `state` with the next version and waits until `sidecars`
+/// have applied it.
+pub async fn publish(
+    tx: &watch::Sender<Arc<MeshState>>,
+    mut state: MeshState,
+    sidecars: &[&Bound],
+) {
+    state.version = tx.borrow().version + 1;
+    let v = state.version;
+    tx.send_replace(Arc::new(state));
+    for s in sidecars {
+        let mut t = s.ctx.table.clone();
+        tokio::time::timeout(Duration::from_secs(5), t.wait_for(|t| t.state.version >= v))
+            .await
+            .expect("sidecar applies the new state within 5 s")
+            .unwrap();
+    }
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// An HTTP/1.1 keep-alive client of a sidecar's outbound port, sending
+/// absolute-form requests as `curl -x` does.
+#[derive(Debug)]
+pub struct Client {
+    proxy: SocketAddr,
+    conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    pub fn new(proxy: SocketAddr) -> Self {
+        Self { proxy, conn: None }
+    }
+
+    pub async fn get(&mut self, url: &str, headers: &[(&str, &str)]) -> Answer {
+        self.request("GET", url, headers).await
+    }
+
+    pub async fn request(&mut self, method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut b = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::new())).unwrap();
+        let sender = match &mut self.conn {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                let tcp = TcpStream::connect(self.proxy).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+                tokio::spawn(c);
+                self.conn.insert(s)
+            }
+        };
+        sender.ready().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .expect("answer within 10 s")
+            .expect("the sidecar answers");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Answer {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+}
+
+/// Counts answers by their body's `<cluster> <name>` prefix.
+pub fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        let who: Vec<&str> = a.body.split(' ').take(3).collect();
+        *m.entry(format!("{} {}", a.status, who.join(" ")))
+            .or_default() += 1;
+    }
+    m
+}
