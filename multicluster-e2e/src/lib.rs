@@ -1,4 +1,755 @@
-//! The multi-cluster harness and end-to-end scenarios (issue "Embedded
-//! multi-cluster demo and end-to-end suite"). It needs the controller,
-//! gateway and sidecar, so it is empty until those exist; the scenarios it
-//! will run are listed in `docs/architecture.md`.
+//! The multi-cluster harness: N clusters on this machine, each a set of
+//! real processes of the `isthmus` binary — a controller, an east-west
+//! gateway, and a sidecar per workload — in front of built-in sample
+//! apps, with the cluster's manifests in a directory of YAML files (the
+//! files source). Clusters are peered with `isthmus link` tokens, as a
+//! user would. `isthmus demo` and the end-to-end tests both run on it.
+//!
+//! Address plan, cluster `net` N on 127.0.N.0/24 (the well-known ports,
+//! so a user can guess them): controller 127.0.N.1 (15010 local, 15012
+//! federation), gateway 127.0.N.2 (15443 tcp and udp), workloads from
+//! 127.0.N.10 (sidecar 15001 outbound, 15006 inbound; app 8080); every
+//! component's admin 15000, metrics 15020, readiness 15021 on its own IP.
+
+pub mod client;
+pub mod sample;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub use client::{Answer, Client};
+
+pub const SERVICE_PORT: u16 = 5000;
+pub const NAMESPACE: &str = "sample";
+
+/// One workload instance.
+#[derive(Debug, Clone)]
+pub struct WorkloadSpec {
+    /// Instance name, e.g. `helloworld-v1-0`.
+    pub name: String,
+    /// Service account and `app` label: `helloworld` or `sleep`.
+    pub app: String,
+    pub version: String,
+    pub zone: String,
+}
+
+/// One cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub region: String,
+    /// Third octet of the cluster's loopback range.
+    pub net: u8,
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+impl ClusterSpec {
+    /// A cluster with a `sleep` client and helloworld instances
+    /// `(version, zone)`.
+    pub fn new(name: &str, region: &str, net: u8, helloworld: &[(&str, &str)]) -> Self {
+        let zone0 = helloworld
+            .first()
+            .map_or(format!("{region}-a"), |(_, z)| z.to_string());
+        let mut workloads = vec![WorkloadSpec {
+            name: "sleep".into(),
+            app: "sleep".into(),
+            version: "v1".into(),
+            zone: zone0,
+        }];
+        let mut per_version: BTreeMap<&str, usize> = BTreeMap::new();
+        for (v, z) in helloworld {
+            let n = per_version.entry(v).or_default();
+            workloads.push(WorkloadSpec {
+                name: format!("helloworld-{v}-{n}"),
+                app: "helloworld".into(),
+                version: v.to_string(),
+                zone: z.to_string(),
+            });
+            *n += 1;
+        }
+        Self {
+            name: name.into(),
+            region: region.into(),
+            net,
+            workloads,
+        }
+    }
+
+    fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, 0, self.net, host)
+    }
+    pub fn controller_ip(&self) -> Ipv4Addr {
+        self.ip(1)
+    }
+    pub fn gateway_ip(&self) -> Ipv4Addr {
+        self.ip(2)
+    }
+    pub fn workload_ip(&self, i: usize) -> Ipv4Addr {
+        self.ip(10 + i as u8)
+    }
+}
+
+/// The demo's three clusters (`base` is the first range's third octet:
+/// 1 gives 127.0.1.0/24, 127.0.2.0/24, 127.0.3.0/24).
+pub fn demo_clusters(base: u8) -> Vec<ClusterSpec> {
+    vec![
+        ClusterSpec::new(
+            "east",
+            "us-east1",
+            base,
+            &[("v1", "us-east1-a"), ("v1", "us-east1-b")],
+        ),
+        ClusterSpec::new(
+            "west",
+            "us-west1",
+            base + 1,
+            &[("v1", "us-west1-a"), ("v2", "us-west1-a")],
+        ),
+        ClusterSpec::new("eu", "europe-west1", base + 2, &[("v1", "europe-west1-b")]),
+    ]
+}
+
+/// A child process, killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workload's running parts.
+#[derive(Debug)]
+pub struct Workload {
+    pub spec: WorkloadSpec,
+    pub ip: Ipv4Addr,
+    pub app: Option<sample::App>,
+    pub sidecar: Option<Proc>,
+}
+
+impl Workload {
+    pub fn outbound(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 15001))
+    }
+    pub fn inbound(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 15006))
+    }
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 15000))
+    }
+    pub fn metrics(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 15020))
+    }
+    pub fn readiness(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 15021))
+    }
+}
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub dir: PathBuf,
+    pub controller: Option<Proc>,
+    pub gateway: Option<Proc>,
+    pub workloads: Vec<Workload>,
+}
+
+impl Cluster {
+    pub fn controller_admin(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.controller_ip(), 15000))
+    }
+    pub fn controller_readiness(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.controller_ip(), 15021))
+    }
+    pub fn gateway_admin(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.gateway_ip(), 15000))
+    }
+    pub fn gateway_metrics(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.gateway_ip(), 15020))
+    }
+    pub fn gateway_readiness(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.gateway_ip(), 15021))
+    }
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+    /// The `sleep` client workload.
+    pub fn client(&self) -> &Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.spec.app == "sleep")
+            .expect("sleep")
+    }
+    pub fn workload(&self, name: &str) -> &Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.spec.name == name)
+            .unwrap_or_else(|| panic!("no workload {name} in {}", self.spec.name))
+    }
+    fn index(&self, name: &str) -> usize {
+        self.workloads
+            .iter()
+            .position(|w| w.spec.name == name)
+            .unwrap_or_else(|| panic!("no workload {name} in {}", self.spec.name))
+    }
+}
+
+/// The whole mesh.
+#[derive(Debug)]
+pub struct Harness {
+    bin: PathBuf,
+    pub root: PathBuf,
+    pub clusters: Vec<Cluster>,
+    /// Where processes' stderr goes (`None`: inherited).
+    log_dir: Option<PathBuf>,
+    log_level: String,
+}
+
+fn yaml_path(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_owned()
+}
+
+impl Harness {
+    /// Prepares PKI, manifests and configs under `root` for `specs`.
+    /// `bin` is the `isthmus` binary.
+    pub fn new(bin: &Path, root: &Path, specs: Vec<ClusterSpec>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let mut h = Self {
+            bin: bin.to_owned(),
+            root: root.to_owned(),
+            clusters: Vec::new(),
+            log_dir: Some(root.join("logs")),
+            log_level: "warn".into(),
+        };
+        std::fs::create_dir_all(root.join("logs"))?;
+        for spec in specs {
+            let dir = root.join(&spec.name);
+            std::fs::create_dir_all(dir.join("manifests"))?;
+            let d = |p: &str| yaml_path(&dir.join(p));
+            if !dir.join("ca/ca-cert.pem").exists() {
+                h.isthmus(&[
+                    "ca",
+                    "init",
+                    "--trust-domain",
+                    &format!("{}.local", spec.name),
+                    "--out",
+                    &d("root"),
+                ])?;
+                h.isthmus(&[
+                    "ca",
+                    "cluster",
+                    &spec.name,
+                    "--ca",
+                    &d("root"),
+                    "--out",
+                    &d("ca"),
+                ])?;
+            }
+            let workloads = spec
+                .workloads
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Workload {
+                    spec: w.clone(),
+                    ip: spec.workload_ip(i),
+                    app: None,
+                    sidecar: None,
+                })
+                .collect();
+            let c = Cluster {
+                spec,
+                dir,
+                controller: None,
+                gateway: None,
+                workloads,
+            };
+            h.write_configs(&c)?;
+            h.write_manifests(&c, &[])?;
+            h.clusters.push(c);
+        }
+        Ok(h)
+    }
+
+    /// Log level of the processes (`ISTHMUS_LOG`).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
+    }
+
+    fn isthmus(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "isthmus {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(&self, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+        let stderr = match &self.log_dir {
+            Some(d) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(d.join(format!("{name}.log")))?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let child = Command::new(&self.bin)
+            .args(args)
+            .env("ISTHMUS_LOG", &self.log_level)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> &Cluster {
+        self.clusters
+            .iter()
+            .find(|c| c.spec.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+    fn cluster_mut(&mut self, name: &str) -> &mut Cluster {
+        self.clusters
+            .iter_mut()
+            .find(|c| c.spec.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
+    fn write_configs(&self, c: &Cluster) -> anyhow::Result<()> {
+        let s = &c.spec;
+        let d = |p: &str| yaml_path(&c.dir.join(p));
+        let cluster = format!(
+            "cluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {r}}}}}",
+            n = s.name,
+            r = s.region
+        );
+        let admin = |ip: Ipv4Addr| {
+            format!(
+                "admin: {{admin: \"{ip}:15000\", metrics: \"{ip}:15020\", readiness: \"{ip}:15021\"}}"
+            )
+        };
+        let ctl = s.controller_ip();
+        let gw = s.gateway_ip();
+        let mut tokens = String::new();
+        for w in &s.workloads {
+            tokens.push_str(&format!(
+                "{}-{}-bootstrap-token {NAMESPACE}/{}\n",
+                s.name, w.name, w.app
+            ));
+        }
+        std::fs::write(c.dir.join("ca-tokens"), tokens)?;
+        std::fs::write(
+            c.dir.join("controller.yaml"),
+            format!(
+                "kind: Controller\n{cluster}\ncaDir: {ca}\nsourceDir: {m}\ncaTokens: {t}\n\
+                 listen: {{federation: \"{ctl}:15012\", local: \"{ctl}:15010\"}}\n\
+                 gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: 30s\n{a}\n",
+                ca = d("ca"),
+                m = d("manifests"),
+                t = d("ca-tokens"),
+                a = admin(ctl),
+            ),
+        )?;
+        std::fs::write(
+            c.dir.join("gateway.yaml"),
+            format!(
+                "kind: Gateway\n{cluster}\ncontroller: \"{ctl}:15010\"\ncaDir: {ca}\n\
+                 listen: {{sidecars: \"{gw}:15443\", peers: \"{gw}:15443\"}}\n{a}\n",
+                ca = d("ca"),
+                a = admin(gw),
+            ),
+        )?;
+        for w in &c.workloads {
+            let token = c.dir.join(format!("token-{}", w.spec.name));
+            std::fs::write(
+                &token,
+                format!("{}-{}-bootstrap-token\n", s.name, w.spec.name),
+            )?;
+            let ip = w.ip;
+            std::fs::write(
+                c.dir.join(format!("sidecar-{}.yaml", w.spec.name)),
+                format!(
+                    "kind: Proxy\n{cluster}\nworkload: {{name: {name}, namespace: {NAMESPACE}, serviceAccount: {app}, app: \"{ip}:8080\", \
+                     zone: {zone}, labels: {{app: {app}, version: {v}}}}}\n\
+                     controller: \"{ctl}:15010\"\ntokenFile: {t}\ngateway: \"{gw}:15443\"\naccessLog: false\n\
+                     listen: {{outbound: \"{ip}:15001\", inbound: \"{ip}:15006\"}}\n{a}\n",
+                    name = w.spec.name,
+                    app = w.spec.app,
+                    zone = w.spec.zone,
+                    v = w.spec.version,
+                    t = yaml_path(&token),
+                    a = admin(ip),
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes the helloworld Service, its ServiceExport and its
+    /// EndpointSlice; instances in `down` are written not ready (what
+    /// Kubernetes does when a pod dies).
+    fn write_manifests(&self, c: &Cluster, down: &[&str]) -> anyhow::Result<()> {
+        let m = c.manifests();
+        let hw: Vec<&Workload> = c
+            .workloads
+            .iter()
+            .filter(|w| w.spec.app == "helloworld")
+            .collect();
+        if hw.is_empty() {
+            return Ok(());
+        }
+        write_atomic(
+            &m.join("helloworld-service.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: helloworld, namespace: {NAMESPACE}}}\n\
+                 spec: {{ports: [{{name: http, port: {SERVICE_PORT}, targetPort: 8080}}]}}\n"
+            ),
+        )?;
+        let export = m.join("helloworld-export.yaml");
+        if !self
+            .root
+            .join(format!(".{}-unexported", c.spec.name))
+            .exists()
+        {
+            write_atomic(
+                &export,
+                &format!(
+                    "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: helloworld, namespace: {NAMESPACE}}}\n"
+                ),
+            )?;
+        }
+        let mut eps = String::new();
+        for w in &hw {
+            eps.push_str(&format!(
+                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}\n    zone: {z}\n    targetRef: {{kind: Pod, name: {n}}}\n    labels: {{app: helloworld, version: {v}}}\n",
+                ip = w.ip,
+                ready = !down.contains(&w.spec.name.as_str()),
+                z = w.spec.zone,
+                n = w.spec.name,
+                v = w.spec.version,
+            ));
+        }
+        write_atomic(
+            &m.join("helloworld-endpoints.yaml"),
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: helloworld-1\n  namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: helloworld}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 15006}}]\nendpoints:\n{eps}"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Starts one cluster's controller.
+    pub fn start_controller(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let cfg = yaml_path(&c.dir.join("controller.yaml"));
+        let p = self.spawn(
+            &format!("{cluster}-controller"),
+            &["controller", "--config", &cfg],
+        )?;
+        self.cluster_mut(cluster).controller = Some(p);
+        Ok(())
+    }
+
+    /// Starts one cluster's gateway.
+    pub fn start_gateway(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let cfg = yaml_path(&c.dir.join("gateway.yaml"));
+        let p = self.spawn(
+            &format!("{cluster}-gateway"),
+            &["gateway", "--config", &cfg],
+        )?;
+        self.cluster_mut(cluster).gateway = Some(p);
+        Ok(())
+    }
+
+    /// Starts a workload's app (in this process) and its sidecar
+    /// (a process).
+    pub async fn start_workload(&mut self, cluster: &str, name: &str) -> anyhow::Result<()> {
+        self.start_workload_with(cluster, name, 0).await
+    }
+
+    /// [`Harness::start_workload`] with answers padded to `pad` bytes.
+    pub async fn start_workload_with(
+        &mut self,
+        cluster: &str,
+        name: &str,
+        pad: usize,
+    ) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let i = c.index(name);
+        let w = &c.workloads[i];
+        let who = sample::Identity {
+            cluster: cluster.into(),
+            version: w.spec.version.clone(),
+            instance: w.spec.name.clone(),
+            zone: w.spec.zone.clone(),
+        };
+        let app = sample::start(SocketAddr::from((w.ip, 8080)), who, pad)
+            .await
+            .with_context(|| format!("cannot start app {name} on {}:8080", w.ip))?;
+        let cfg = yaml_path(&c.dir.join(format!("sidecar-{name}.yaml")));
+        let p = self.spawn(&format!("{cluster}-{name}"), &["proxy", "--config", &cfg])?;
+        let w = &mut self.cluster_mut(cluster).workloads[i];
+        w.app = Some(app);
+        w.sidecar = Some(p);
+        Ok(())
+    }
+
+    /// Starts everything, links every pair of clusters with `isthmus
+    /// link`, and waits until all are ready and synced.
+    pub async fn start_all(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let names: Vec<String> = self.clusters.iter().map(|c| c.spec.name.clone()).collect();
+        for n in &names {
+            self.start_controller(n)?;
+            self.start_gateway(n)?;
+            let ws: Vec<String> = self
+                .cluster(n)
+                .workloads
+                .iter()
+                .map(|w| w.spec.name.clone())
+                .collect();
+            for w in ws {
+                self.start_workload(n, &w).await?;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        for c in &self.clusters {
+            wait_ready(
+                c.controller_readiness(),
+                deadline,
+                &format!("{} controller", c.spec.name),
+            )
+            .await?;
+        }
+        self.link_all()?;
+        self.wait_synced(deadline).await
+    }
+
+    /// Peers every pair: `isthmus link create` in one, `link apply` in
+    /// the other.
+    pub fn link_all(&self) -> anyhow::Result<()> {
+        for (i, a) in self.clusters.iter().enumerate() {
+            for b in &self.clusters[i + 1..] {
+                let token = self.isthmus(&[
+                    "link",
+                    "create",
+                    "--config",
+                    &yaml_path(&a.dir.join("controller.yaml")),
+                ])?;
+                let token = token.trim();
+                self.isthmus(&[
+                    "link",
+                    "apply",
+                    "--config",
+                    &yaml_path(&b.dir.join("controller.yaml")),
+                    token,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every process answers ready and every client sidecar
+    /// knows helloworld from every other cluster that runs it.
+    pub async fn wait_synced(&self, deadline: tokio::time::Instant) -> anyhow::Result<()> {
+        for c in &self.clusters {
+            if c.gateway.is_some() {
+                wait_ready(
+                    c.gateway_readiness(),
+                    deadline,
+                    &format!("{} gateway", c.spec.name),
+                )
+                .await?;
+            }
+            for w in &c.workloads {
+                if w.sidecar.is_some() {
+                    wait_ready(
+                        w.readiness(),
+                        deadline,
+                        &format!("{} sidecar {}", c.spec.name, w.spec.name),
+                    )
+                    .await?;
+                }
+            }
+        }
+        for c in &self.clusters {
+            let want: Vec<&str> = self
+                .clusters
+                .iter()
+                .filter(|o| o.spec.name != c.spec.name)
+                .filter(|o| o.workloads.iter().any(|w| w.spec.app == "helloworld"))
+                .map(|o| o.spec.name.as_str())
+                .collect();
+            let client = c.client().admin();
+            loop {
+                let have = imported_clusters(client).await;
+                if want.iter().all(|w| have.iter().any(|h| h == w)) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "{}: helloworld imported from {have:?}, expected {want:?} (see the logs in {})",
+                        c.spec.name,
+                        self.root.join("logs").display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// An instance dies: its app and sidecar stop (SIGKILL) and the
+    /// cluster's EndpointSlice marks it not ready.
+    pub fn kill_instance(&mut self, cluster: &str, name: &str) -> anyhow::Result<()> {
+        let c = self.cluster_mut(cluster);
+        let i = c.index(name);
+        let w = &mut c.workloads[i];
+        if let Some(a) = w.app.take() {
+            a.stop();
+        }
+        if let Some(p) = w.sidecar.take() {
+            p.kill();
+        }
+        self.rewrite_endpoints(cluster)
+    }
+
+    fn rewrite_endpoints(&self, cluster: &str) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let down: Vec<&str> = c
+            .workloads
+            .iter()
+            .filter(|w| w.app.is_none())
+            .map(|w| w.spec.name.as_str())
+            .collect();
+        self.write_manifests(c, &down)
+    }
+
+    /// Brings a killed instance back and marks it ready.
+    pub async fn revive_instance(&mut self, cluster: &str, name: &str) -> anyhow::Result<()> {
+        self.start_workload(cluster, name).await?;
+        let w = self.cluster(cluster).workload(name);
+        wait_ready(
+            w.readiness(),
+            tokio::time::Instant::now() + Duration::from_secs(20),
+            name,
+        )
+        .await?;
+        self.rewrite_endpoints(cluster)
+    }
+
+    /// SIGKILLs a cluster's gateway.
+    pub fn kill_gateway(&mut self, cluster: &str) {
+        if let Some(p) = self.cluster_mut(cluster).gateway.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGKILLs a cluster's controller.
+    pub fn kill_controller(&mut self, cluster: &str) {
+        if let Some(p) = self.cluster_mut(cluster).controller.take() {
+            p.kill();
+        }
+    }
+
+    /// Withdraws (deletes the ServiceExport) or restores helloworld's
+    /// export in `cluster`.
+    pub fn set_exported(&self, cluster: &str, exported: bool) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let marker = self.root.join(format!(".{cluster}-unexported"));
+        if exported {
+            let _ = std::fs::remove_file(&marker);
+            self.write_manifests(c, &[])?;
+        } else {
+            std::fs::write(&marker, "")?;
+            let _ = std::fs::remove_file(c.manifests().join("helloworld-export.yaml"));
+        }
+        Ok(())
+    }
+
+    /// Writes an extra manifest (a policy) into a cluster's directory.
+    pub fn apply(&self, cluster: &str, file: &str, yaml: &str) -> anyhow::Result<()> {
+        write_atomic(&self.cluster(cluster).manifests().join(file), yaml)
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    isthmus_core::identity::write_atomic(path, text.as_bytes(), false)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Waits for `GET /healthz/ready` to answer 200.
+pub async fn wait_ready(
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+    what: &str,
+) -> anyhow::Result<()> {
+    loop {
+        if isthmus_core::admin::http_get(addr, "/healthz/ready")
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what} not ready at {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The clusters a sidecar's config names for imported helloworld.
+pub async fn imported_clusters(sidecar_admin: SocketAddr) -> Vec<String> {
+    let Ok(body) = isthmus_core::admin::http_get(sidecar_admin, "/config_dump").await else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["mesh"]["imported"][format!("{NAMESPACE}/helloworld")]["clusters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|c| {
+                    c["groups"]
+                        .as_array()
+                        .is_some_and(|g| g.iter().any(|g| g["healthy"].as_u64() > Some(0)))
+                })
+                .filter_map(|c| c["cluster"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -8,6 +8,7 @@ mod config;
 mod controller;
 mod gateway;
 mod link;
+mod proxy;
 mod status;
 
 /// Isthmus: one service mesh across several Kubernetes clusters.
@@ -40,6 +41,8 @@ pub enum Command {
     Link(link::LinkCommand),
     /// Run a cluster's federation controller.
     Controller(controller::ControllerArgs),
+    /// Run the sidecar beside one workload.
+    Proxy(proxy::ProxyArgs),
     /// Show what a controller knows of its peers.
     Status(status::StatusArgs),
 }
@@ -55,6 +58,7 @@ pub fn run(
         Command::Controller(c) => controller::run(c, logs),
         Command::Link(c) => link::run(c),
         Command::Gateway(c) => gateway::run(c, logs),
+        Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
     }
 }

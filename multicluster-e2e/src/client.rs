@@ -1,0 +1,94 @@
+//! A keep-alive HTTP/1.1 client that talks to a sidecar's outbound port
+//! as `curl -x` does (absolute-form requests).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// An answer, or why there was none.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Answer {
+    /// `cluster` of a sample app's answer (`… from <cluster> …`).
+    pub fn cluster(&self) -> Option<&str> {
+        let mut it = self.body.split_whitespace();
+        it.find(|w| *w == "from")?;
+        it.next()
+    }
+    pub fn ok(&self) -> bool {
+        self.status == 200
+    }
+}
+
+#[derive(Debug)]
+pub struct Client {
+    proxy: SocketAddr,
+    conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    pub fn new(proxy: SocketAddr) -> Self {
+        Self { proxy, conn: None }
+    }
+
+    /// GETs `url` through the sidecar. A transport failure is an answer
+    /// with status 0 and the error as body (tests count it as failed).
+    pub async fn get(&mut self, url: &str) -> Answer {
+        match tokio::time::timeout(Duration::from_secs(10), self.try_get(url)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                self.conn = None;
+                Answer { status: 0, body: e }
+            }
+            Err(_) => {
+                self.conn = None;
+                Answer {
+                    status: 0,
+                    body: "timed out after 10 s".into(),
+                }
+            }
+        }
+    }
+
+    async fn try_get(&mut self, url: &str) -> Result<Answer, String> {
+        let req = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let sender = match &mut self.conn {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                let tcp = TcpStream::connect(self.proxy)
+                    .await
+                    .map_err(|e| format!("connect {}: {e}", self.proxy))?;
+                let _ = tcp.set_nodelay(true);
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(c);
+                self.conn.insert(s)
+            }
+        };
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
