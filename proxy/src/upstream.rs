@@ -85,7 +85,7 @@ impl MeshPool {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns
             .get(key)
-            .filter(|s| !s.is_closed() && s.is_ready())
+            .filter(|s| !s.is_closed())
             .cloned()
     }
 

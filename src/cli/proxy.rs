@@ -23,9 +23,11 @@ pub struct ProxyArgs {
     /// Sidecar config file (kind: Proxy).
     #[arg(long)]
     pub config: PathBuf,
-    /// Worker threads of the data plane (Envoy's and Istio's sidecar
-    /// default is 2).
-    #[arg(long, default_value_t = 2)]
+    /// Worker threads of the data plane. One, like Linkerd's proxy: a
+    /// sidecar serves one pod, and on a busy node a second thread mostly
+    /// adds cross-thread wake-ups (BENCHMARKS.md). Raise it for pods
+    /// that need more than one core of proxying.
+    #[arg(long, env = "ISTHMUS_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
 }
 

@@ -1,0 +1,236 @@
+//! Sidecar benchmark with a standard load generator (wrk), one run:
+//! client → sidecar → sidecar (mTLS, HTTP/2) → server, against client →
+//! server directly, HTTP/1.1 keep-alive, 1 KiB answers; at a fixed
+//! 1000 rps and at the maximum rate. The sidecars are real `isthmus
+//! proxy` processes fed by a real controller (config stream and CA), so
+//! their CPU and resident memory are read from /proc.
+//!
+//! `cargo bench --bench sidecar` (needs `wrk` on PATH: `apt-get install
+//! wrk`). `ISTHMUS_BENCH_SECONDS` (default 10) sets each run's length,
+//! `ISTHMUS_BENCH_ROUNDS` (default 3) the rounds; medians are reported.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use isthmus_e2e::{ClusterSpec, Harness};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    errors: u64,
+}
+
+/// wrk's latency value in microseconds.
+fn micros(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(target: SocketAddr, host: &str, seconds: u64, conns: u32, delay_ms: Option<u32>) -> Run {
+    let script = std::env::temp_dir().join(format!("isthmus-wrk-{}.lua", std::process::id()));
+    let mut lua = format!("wrk.headers[\"Host\"] = \"{host}\"\n");
+    if let Some(d) = delay_ms {
+        // wrk's per-request delay: each connection sends every `d` ms,
+        // so `conns` connections offer conns * 1000 / d requests/s.
+        lua.push_str(&format!("function delay() return {d} end\n"));
+    }
+    std::fs::write(&script, lua).unwrap();
+    let out = Command::new("wrk")
+        .args([
+            if conns < 2 { "-t1" } else { "-t2" },
+            &format!("-c{conns}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+            script.to_str().unwrap(),
+            &format!("http://{target}/"),
+        ])
+        .output()
+        .expect("wrk is installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = Run::default();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["50%", v] => r.p50 = micros(v),
+            ["90%", v] => r.p90 = micros(v),
+            ["99%", v] => r.p99 = micros(v),
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", ..] => {
+                r.errors += w
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    assert!(r.rps > 0.0, "wrk failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    r
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let seconds = env("ISTHMUS_BENCH_SECONDS", 10);
+    let rounds = env("ISTHMUS_BENCH_ROUNDS", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new("bench", "us-east1", 90, &[("v1", "us-east1-a")]);
+    let mut h = Harness::new(Path::new(env!("CARGO_BIN_EXE_isthmus")), dir.path(), vec![spec])
+        .unwrap()
+        .log_level("error");
+    h.start_controller("bench").unwrap();
+    h.start_gateway("bench").unwrap();
+    h.start_workload("bench", "sleep").await.unwrap();
+    h.start_workload_with("bench", "helloworld-v1-0", 1024).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    h.wait_synced(deadline).await.unwrap();
+    let c = h.cluster("bench");
+    let client = c.client();
+    let server = c.workload("helloworld-v1-0");
+    let direct = server.app.as_ref().unwrap().addr;
+    let proxied = client.outbound();
+    let host = "helloworld.sample.svc.cluster.local:5000";
+    let pids = [
+        ("client sidecar", client.sidecar.as_ref().unwrap().pid()),
+        ("server sidecar", server.sidecar.as_ref().unwrap().pid()),
+    ];
+    // Warm up both paths (connections, pools).
+    wrk(direct, host, 2, 10, None);
+    wrk(proxied, host, 2, 10, None);
+
+    if std::env::var_os("ISTHMUS_BENCH_PROBE").is_some() {
+        for _ in 0..1 {
+            eprintln!("closed loop 1 conn direct  {:?}", wrk(direct, host, seconds, 1, None));
+            eprintln!("closed loop 1 conn proxied {:?}", wrk(proxied, host, seconds, 1, None));
+        }
+        for (name, pid) in &pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = after.split_whitespace().collect();
+            eprintln!("{name} before fixed run: utime {} stime {}", f[11], f[12]);
+        }
+        eprintln!("fixed proxied {:?}", wrk(proxied, host, seconds, 10, Some(10)));
+        for (name, pid) in &pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = after.split_whitespace().collect();
+            eprintln!("{name} after fixed run: utime {} stime {}", f[11], f[12]);
+        }
+        return;
+    }
+    let mut fixed_direct = Vec::new();
+    let mut fixed_proxy = Vec::new();
+    let mut max_direct = Vec::new();
+    let mut max_proxy = Vec::new();
+    let mut cpu = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        // Fixed rate: 10 connections each sending every 10 ms ≈ 1000 rps.
+        fixed_direct.push(wrk(direct, host, seconds, 10, Some(10)));
+        let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let t = Instant::now();
+        let r = wrk(proxied, host, seconds, 10, Some(10));
+        let wall = t.elapsed().as_secs_f64();
+        for (i, (_, p)) in pids.iter().enumerate() {
+            let used = cpu_seconds(*p) - before[i];
+            // vCPU per 1000 rps.
+            cpu[i].push(used / wall / (r.rps / 1000.0));
+        }
+        fixed_proxy.push(r);
+        max_direct.push(wrk(direct, host, seconds, 32, None));
+        max_proxy.push(wrk(proxied, host, seconds, 32, None));
+        eprintln!(
+            "round {round}: fixed direct {:?}\n         fixed proxied {:?}\n         max direct {:?}\n         max proxied {:?}",
+            fixed_direct.last().unwrap(),
+            fixed_proxy.last().unwrap(),
+            max_direct.last().unwrap(),
+            max_proxy.last().unwrap()
+        );
+    }
+    let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    println!("\n## Sidecar: wrk, HTTP/1.1 keep-alive, 1 KiB answers, {rounds} rounds x {seconds} s, medians\n");
+    println!("| load | path | rps | p50 µs | p90 µs | p99 µs | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    for (load, d, p) in [("~1000 rps", &fixed_direct, &fixed_proxy), ("max (32 conns)", &max_direct, &max_proxy)] {
+        for (name, runs) in [("direct", d), ("two sidecars", p)] {
+            println!(
+                "| {load} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                m(runs, |r| r.rps),
+                m(runs, |r| r.p50),
+                m(runs, |r| r.p90),
+                m(runs, |r| r.p99),
+                runs.iter().map(|r| r.errors).sum::<u64>()
+            );
+        }
+    }
+    let added = |f: fn(&Run) -> f64| {
+        median(
+            fixed_direct
+                .iter()
+                .zip(&fixed_proxy)
+                .map(|(d, p)| f(p) - f(d))
+                .collect(),
+        ) / 1000.0
+    };
+    println!(
+        "\nAdded latency at ~1000 rps (proxied minus direct, same round): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+        added(|r| r.p50),
+        added(|r| r.p90),
+        added(|r| r.p99)
+    );
+    println!(
+        "Max-rate throughput ratio (two sidecars / direct): {:.2}",
+        median(max_proxy.iter().zip(&max_direct).map(|(p, d)| p.rps / d.rps).collect())
+    );
+    for (i, (name, pid)) in pids.iter().enumerate() {
+        println!(
+            "{name}: {:.3} vCPU per 1000 rps; resident {:.1} MiB now, peak {:.1} MiB",
+            median(cpu[i].clone()),
+            rss_kib(*pid, "VmRSS:") as f64 / 1024.0,
+            rss_kib(*pid, "VmHWM:") as f64 / 1024.0
+        );
+    }
+}
