@@ -84,7 +84,11 @@ fn wrk(target: SocketAddr, host: &str, seconds: u64, conns: u32, delay_ms: Optio
             _ => {}
         }
     }
-    assert!(r.rps > 0.0, "wrk failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        r.rps > 0.0,
+        "wrk failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     r
 }
 
@@ -119,13 +123,19 @@ async fn main() {
     let rounds = env("ISTHMUS_BENCH_ROUNDS", 3);
     let dir = tempfile::tempdir().unwrap();
     let spec = ClusterSpec::new("bench", "us-east1", 90, &[("v1", "us-east1-a")]);
-    let mut h = Harness::new(Path::new(env!("CARGO_BIN_EXE_isthmus")), dir.path(), vec![spec])
-        .unwrap()
-        .log_level("error");
+    let mut h = Harness::new(
+        Path::new(env!("CARGO_BIN_EXE_isthmus")),
+        dir.path(),
+        vec![spec],
+    )
+    .unwrap()
+    .log_level("error");
     h.start_controller("bench").unwrap();
     h.start_gateway("bench").unwrap();
     h.start_workload("bench", "sleep").await.unwrap();
-    h.start_workload_with("bench", "helloworld-v1-0", 1024).await.unwrap();
+    h.start_workload_with("bench", "helloworld-v1-0", 1024)
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     h.wait_synced(deadline).await.unwrap();
     let c = h.cluster("bench");
@@ -144,8 +154,14 @@ async fn main() {
 
     if std::env::var_os("ISTHMUS_BENCH_PROBE").is_some() {
         for _ in 0..1 {
-            eprintln!("closed loop 1 conn direct  {:?}", wrk(direct, host, seconds, 1, None));
-            eprintln!("closed loop 1 conn proxied {:?}", wrk(proxied, host, seconds, 1, None));
+            eprintln!(
+                "closed loop 1 conn direct  {:?}",
+                wrk(direct, host, seconds, 1, None)
+            );
+            eprintln!(
+                "closed loop 1 conn proxied {:?}",
+                wrk(proxied, host, seconds, 1, None)
+            );
         }
         for (name, pid) in &pids {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -153,7 +169,10 @@ async fn main() {
             let f: Vec<&str> = after.split_whitespace().collect();
             eprintln!("{name} before fixed run: utime {} stime {}", f[11], f[12]);
         }
-        eprintln!("fixed proxied {:?}", wrk(proxied, host, seconds, 10, Some(10)));
+        eprintln!(
+            "fixed proxied {:?}",
+            wrk(proxied, host, seconds, 10, Some(10))
+        );
         for (name, pid) in &pids {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
             let after = &stat[stat.rfind(')').unwrap() + 2..];
@@ -191,10 +210,15 @@ async fn main() {
         );
     }
     let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-    println!("\n## Sidecar: wrk, HTTP/1.1 keep-alive, 1 KiB answers, {rounds} rounds x {seconds} s, medians\n");
+    println!(
+        "\n## Sidecar: wrk, HTTP/1.1 keep-alive, 1 KiB answers, {rounds} rounds x {seconds} s, medians\n"
+    );
     println!("| load | path | rps | p50 µs | p90 µs | p99 µs | errors |");
     println!("|---|---|---|---|---|---|---|");
-    for (load, d, p) in [("~1000 rps", &fixed_direct, &fixed_proxy), ("max (32 conns)", &max_direct, &max_proxy)] {
+    for (load, d, p) in [
+        ("~1000 rps", &fixed_direct, &fixed_proxy),
+        ("max (32 conns)", &max_direct, &max_proxy),
+    ] {
         for (name, runs) in [("direct", d), ("two sidecars", p)] {
             println!(
                 "| {load} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
@@ -223,7 +247,13 @@ async fn main() {
     );
     println!(
         "Max-rate throughput ratio (two sidecars / direct): {:.2}",
-        median(max_proxy.iter().zip(&max_direct).map(|(p, d)| p.rps / d.rps).collect())
+        median(
+            max_proxy
+                .iter()
+                .zip(&max_direct)
+                .map(|(p, d)| p.rps / d.rps)
+                .collect()
+        )
     );
     for (i, (name, pid)) in pids.iter().enumerate() {
         println!(

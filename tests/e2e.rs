@@ -17,6 +17,9 @@ fn bin() -> &'static Path {
 
 async fn three_clusters(dir: &Path) -> Harness {
     let base = NET.fetch_add(3, Ordering::Relaxed);
+    // ISTHMUS_E2E_KEEP=DIR keeps the clusters' files and logs there.
+    let kept = std::env::var_os("ISTHMUS_E2E_KEEP").map(|k| Path::new(&k).join(base.to_string()));
+    let dir = kept.as_deref().unwrap_or(dir);
     let mut h = Harness::new(bin(), dir, demo_clusters(base)).unwrap();
     h.start_all(Duration::from_secs(30)).await.unwrap();
     h
@@ -42,5 +45,222 @@ async fn a_cross_cluster_call_keeps_the_callers_identity() {
         a.body
             .contains("caller spiffe://east.local/ns/sample/sa/sleep"),
         "{a:?}"
+    );
+}
+
+/// Sends `n` requests from `cluster`'s client, 20 ms apart; returns the
+/// answering cluster of each ("" for a failure).
+async fn traffic(h: &Harness, cluster: &str, n: usize) -> Vec<String> {
+    let mut c = Client::new(h.cluster(cluster).client().outbound());
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let a = c.get(URL).await;
+        out.push(if a.ok() {
+            a.cluster().unwrap_or("?").to_owned()
+        } else {
+            format!("FAILED {} {}", a.status, a.body.trim())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    out
+}
+
+fn failures(answers: &[String]) -> Vec<&String> {
+    answers.iter().filter(|a| a.starts_with("FAILED")).collect()
+}
+
+/// Polls until `check` holds for the answers of a short burst.
+async fn until(
+    h: &Harness,
+    cluster: &str,
+    what: &str,
+    check: impl Fn(&[String]) -> bool,
+) -> Duration {
+    let t = std::time::Instant::now();
+    loop {
+        let a = traffic(h, cluster, 5).await;
+        if check(&a) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: still {a:?} after 20 s"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = three_clusters(dir.path()).await;
+    let mut all = Vec::new();
+    // east's client is in us-east1-a: its zone's instance answers.
+    let a = traffic(&h, "east", 10).await;
+    assert!(a.iter().all(|x| x == "east"), "{a:?}");
+    let inst = |h: &Harness| {
+        h.cluster("east")
+            .workload("helloworld-v1-0")
+            .app
+            .as_ref()
+            .unwrap()
+            .hits()
+    };
+    let before = inst(&h);
+    traffic(&h, "east", 10).await;
+    assert_eq!(inst(&h) - before, 10, "same zone first");
+
+    // Zone a dies: zone b of the same region, zero failures.
+    h.kill_instance("east", "helloworld-v1-0").unwrap();
+    let a = traffic(&h, "east", 20).await;
+    assert!(failures(&a).is_empty(), "{a:?}");
+    assert!(a.iter().all(|x| x == "east"), "{a:?}");
+    all.extend(a);
+
+    // Region us-east1 dies: west (the DestinationRule's failover target),
+    // not eu.
+    h.kill_instance("east", "helloworld-v1-1").unwrap();
+    let a = traffic(&h, "east", 30).await;
+    assert!(failures(&a).is_empty(), "{a:?}");
+    assert!(a.iter().all(|x| x == "west"), "{a:?}");
+    all.extend(a);
+
+    // West dies too: eu.
+    h.kill_instance("west", "helloworld-v1-0").unwrap();
+    h.kill_instance("west", "helloworld-v2-0").unwrap();
+    let a = traffic(&h, "east", 30).await;
+    assert!(failures(&a).is_empty(), "{a:?}");
+    let took = until(&h, "east", "moves to eu", |a| a.iter().all(|x| x == "eu")).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    all.extend(a);
+
+    // Failback: east's instances return and take the traffic again.
+    h.revive_instance("east", "helloworld-v1-0").await.unwrap();
+    h.revive_instance("east", "helloworld-v1-1").await.unwrap();
+    until(&h, "east", "fails back to east", |a| {
+        a.iter().all(|x| x == "east")
+    })
+    .await;
+    assert!(failures(&all).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_process_costs_zero_failed_new_requests() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = three_clusters(dir.path()).await;
+    // east has no instance left: its traffic crosses to west.
+    h.kill_instance("east", "helloworld-v1-0").unwrap();
+    h.kill_instance("east", "helloworld-v1-1").unwrap();
+    until(&h, "east", "crosses to west", |a| {
+        a.iter().all(|x| x == "west")
+    })
+    .await;
+    // Steady traffic while west's gateway process is SIGKILLed.
+    let load = {
+        let proxy = h.cluster("east").client().outbound();
+        tokio::spawn(async move {
+            let mut c = Client::new(proxy);
+            let mut out = Vec::new();
+            for _ in 0..150 {
+                let a = c.get(URL).await;
+                out.push(if a.ok() {
+                    a.cluster().unwrap_or("?").to_owned()
+                } else {
+                    format!("FAILED {} {}", a.status, a.body.trim())
+                });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    h.kill_gateway("west");
+    let a = load.await.unwrap();
+    assert!(failures(&a).is_empty(), "{:?}", failures(&a));
+    assert!(
+        a.iter().any(|x| x == "west") && a.iter().any(|x| x == "eu"),
+        "{a:?}"
+    );
+    let last: Vec<&String> = a.iter().rev().take(50).collect();
+    assert!(last.iter().all(|x| *x == "eu"), "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_unexport_propagate_and_a_controller_restart_loses_no_import() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = three_clusters(dir.path()).await;
+    let east_client = h.cluster("east").client().admin();
+    let imported = || isthmus_e2e::imported_clusters(east_client);
+    assert_eq!(imported().await, ["eu", "west"]);
+
+    // Withdraw west's export: gone from east's sidecars.
+    let t = std::time::Instant::now();
+    h.set_exported("west", false).unwrap();
+    while imported().await.contains(&"west".to_owned()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "unexport did not propagate"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unexport = t.elapsed();
+    // Export again: back.
+    let t = std::time::Instant::now();
+    h.set_exported("west", true).unwrap();
+    while !imported().await.contains(&"west".to_owned()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "export did not propagate"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "unexport seen in east's sidecar after {unexport:?}, export after {:?}",
+        t.elapsed()
+    );
+
+    // east's controller is SIGKILLed and restarted: its sidecars keep
+    // their imports throughout, and afterwards they are all still there.
+    let entries = |h: &Harness| {
+        let mut v: Vec<String> = std::fs::read_dir(h.cluster("east").manifests())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        v
+    };
+    let files_before = entries(&h);
+    h.kill_controller("east");
+    for _ in 0..10 {
+        assert_eq!(
+            imported().await,
+            ["eu", "west"],
+            "imports kept while the controller is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = traffic(&h, "east", 5).await;
+    assert!(failures(&a).is_empty(), "{a:?}");
+    h.start_controller("east").unwrap();
+    isthmus_e2e::wait_ready(
+        h.cluster("east").controller_readiness(),
+        tokio::time::Instant::now() + Duration::from_secs(20),
+        "east controller",
+    )
+    .await
+    .unwrap();
+    h.wait_synced(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(imported().await, ["eu", "west"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        entries(&h),
+        files_before,
+        "no ServiceEntry lost or added by the restart"
     );
 }

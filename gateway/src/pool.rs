@@ -407,6 +407,14 @@ impl PeerPool {
         let rtt_gauge = self.metrics.peer_rtt_us.get_or_create(&labels).clone();
         up_gauge.set(1);
         let mut backoff = Backoff::new(PROBE_INTERVAL, Duration::from_secs(2));
+        // Datagrams received on each slot's connection when the current
+        // probe started: one that receives nothing during a whole missed
+        // probe is silent.
+        let received = |peer: &Peer, slot: usize| -> Option<(u64, Connection)> {
+            let guard = peer.slots[slot].try_lock().ok()?;
+            let conn = guard.as_ref()?.clone();
+            Some((conn.stats().udp_rx.datagrams, conn))
+        };
         let probe = TunnelRequest {
             source_cluster: self.local_cluster.clone(),
             probe: true,
@@ -416,6 +424,9 @@ impl PeerPool {
             // Probe every slot in turn, so a dead connection in any slot is
             // noticed and replaced.
             let slot = peer.next.load(Ordering::Relaxed) % peer.slots.len();
+            let rx_before: Vec<Option<u64>> = (0..peer.slots.len())
+                .map(|i| received(&peer, i).map(|x| x.0))
+                .collect();
             let started = Instant::now();
             let result = tokio::time::timeout(PROBE_TIMEOUT, async {
                 let conn = self.connection_in_slot(&peer, slot).await?;
@@ -473,6 +484,21 @@ impl PeerPool {
                             down_after = ?started.elapsed(),
                             "peer gateway stopped answering probes: taken out of rotation (check the peer's gateway process and UDP reachability)"
                         );
+                        // A connection that received not one datagram during
+                        // the whole missed probe belongs to a dead peer:
+                        // close it now,
+                        // so its tunnels end and their sidecars retry
+                        // elsewhere instead of waiting out the idle
+                        // timeout. One still receiving is left alone (a
+                        // peer slow under load is not dead).
+                        for (i, before) in rx_before.iter().enumerate() {
+                            if let Some((n, conn)) = received(&peer, i)
+                                && before.is_some_and(|b| n <= b)
+                            {
+                                debug!(slot = i, "closing a silent connection to a dead peer");
+                                conn.close(VarInt::from_u32(0), b"peer unresponsive");
+                            }
+                        }
                     }
                     if h.up {
                         PROBE_INTERVAL

@@ -2,6 +2,8 @@
 //! with half-close carried across (TCP FIN ↔ QUIC FIN) and aborts carried
 //! as aborts (TCP error → stream reset, stream reset → TCP close).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::BytesMut;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,8 +31,9 @@ pub async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Moved {
+    let up_bytes = AtomicU64::new(0);
     let up = async {
-        let mut n = 0u64;
+        let n = &up_bytes;
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
             buf.reserve(CHUNK);
@@ -40,7 +43,7 @@ pub async fn splice(
                     break;
                 }
                 Ok(k) => {
-                    n += k as u64;
+                    n.fetch_add(k as u64, Ordering::Relaxed);
                     if send.write_chunk(buf.split().freeze()).await.is_err() {
                         // The peer stopped reading: nothing more to send.
                         break;
@@ -52,7 +55,6 @@ pub async fn splice(
                 }
             }
         }
-        n
     };
     let down = async {
         let mut n = 0u64;
@@ -79,7 +81,23 @@ pub async fn splice(
         }
         (n, aborted)
     };
-    let (to_quic, (to_tcp, aborted)) = tokio::join!(up, down);
+    let (to_tcp, aborted) = {
+        tokio::pin!(up, down);
+        tokio::select! {
+            () = &mut up => down.await,
+            (to_tcp, aborted) = &mut down => {
+                // An aborted stream ends the tunnel: the TCP side may be
+                // idle (a pooled HTTP/2 connection) and would otherwise
+                // wait here forever. A clean end still lets the client
+                // finish sending (half-close).
+                if !aborted {
+                    up.await;
+                }
+                (to_tcp, aborted)
+            }
+        }
+    };
+    let to_quic = up_bytes.load(Ordering::Relaxed);
     if aborted && let Ok(tcp) = tcp_r.reunite(tcp_w) {
         // RST rather than FIN, so the client does not mistake an abort
         // for a clean end of stream.

@@ -241,7 +241,9 @@ impl Harness {
             root: root.to_owned(),
             clusters: Vec::new(),
             log_dir: Some(root.join("logs")),
-            log_level: "warn".into(),
+            // ISTHMUS_E2E_LOG raises the processes' log level when a
+            // scenario needs a closer look (logs under <root>/logs).
+            log_level: std::env::var("ISTHMUS_E2E_LOG").unwrap_or_else(|_| "warn".into()),
         };
         std::fs::create_dir_all(root.join("logs"))?;
         for spec in specs {
@@ -439,6 +441,23 @@ impl Harness {
                  spec: {{ports: [{{name: http, port: {SERVICE_PORT}, targetPort: 8080}}]}}\n"
             ),
         )?;
+        // Locality failover as a user of Istio writes it: east and west
+        // back each other up, eu goes to east. Outlier detection ejects
+        // a dead instance after 3 failures.
+        let dr = m.join("helloworld-destinationrule.yaml");
+        if !dr.exists() {
+            write_atomic(
+                &dr,
+                &format!(
+                    "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: helloworld, namespace: {NAMESPACE}}}\n\
+                     spec:\n  host: helloworld.{NAMESPACE}.svc.cluster.local\n\
+                     \x20 subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n\
+                     \x20 trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover:\n\
+                     \x20       - {{from: us-east1, to: us-west1}}\n        - {{from: us-west1, to: us-east1}}\n        - {{from: europe-west1, to: us-east1}}\n\
+                     \x20   outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 5s, maxEjectionPercent: 100}}\n"
+                ),
+            )?;
+        }
         let export = m.join("helloworld-export.yaml");
         if !self
             .root

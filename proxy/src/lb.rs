@@ -227,8 +227,14 @@ impl Balancers {
         }
         // The remote tier.
         let mut remote_weight = 0u32;
+        // A retry may go through the gateway again: it picks the cluster,
+        // and a failed tunnel moves it to the next one.
+        let gateway_usable = |gw: &SocketAddr| {
+            eps.get(gw)
+                .is_none_or(|e| e.ejected_until.is_none_or(|t| t <= now))
+        };
         if let (Some(gw), Some(imp)) = (self.gateway, state.imported.get(want.key))
-            && usable(&gw)
+            && gateway_usable(&gw)
         {
             let mut tier = 3;
             for c in &imp.clusters {

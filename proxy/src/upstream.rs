@@ -83,10 +83,7 @@ impl MeshPool {
 
     fn cached(&self, key: &Key) -> Option<http2::SendRequest<Body>> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns
-            .get(key)
-            .filter(|s| !s.is_closed())
-            .cloned()
+        conns.get(key).filter(|s| !s.is_closed()).cloned()
     }
 
     async fn sender(&self, key: &Key) -> Result<http2::SendRequest<Body>, UpstreamError> {
