@@ -264,3 +264,49 @@ async fn export_and_unexport_propagate_and_a_controller_restart_loses_no_import(
         "no ServiceEntry lost or added by the restart"
     );
 }
+
+#[test]
+fn the_demo_comes_up_prints_ready_and_survives_its_failover_scenario() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _serial = rt.block_on(SERIAL.lock());
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let net = NET.fetch_add(3, Ordering::Relaxed).to_string();
+    let out = std::process::Command::new(bin())
+        .args(["demo", "--scenario", "failover", "--net", &net, "--dir"])
+        .arg(&demo)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.lines().any(|l| l.starts_with("ready")), "{stdout}");
+    assert!(stdout.contains("curl -x http://127.0."), "{stdout}");
+    assert!(stdout.contains("traffic now served by west"), "{stdout}");
+    assert!(stdout.contains("traffic now served by eu"), "{stdout}");
+    assert!(stdout.contains("failed 0"), "{stdout}");
+    // A second run reuses the directory (it is a demo directory).
+    let out = std::process::Command::new(bin())
+        .args(["demo", "--duration", "1s", "--net", &net, "--dir"])
+        .arg(&demo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Any other non-empty directory is refused, untouched.
+    std::fs::write(dir.path().join("precious"), "x").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["demo", "--duration", "1s", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a demo directory"));
+    assert!(dir.path().join("precious").exists());
+}

@@ -6,6 +6,7 @@ use isthmus_core::telemetry::LogFormat;
 mod ca;
 mod config;
 mod controller;
+mod demo;
 mod gateway;
 mod link;
 mod proxy;
@@ -34,6 +35,8 @@ pub enum Command {
     /// Check configuration files.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Run three clusters on this machine (a demo and a playground).
+    Demo(demo::DemoArgs),
     /// Run a cluster's east-west gateway.
     Gateway(gateway::GatewayArgs),
     /// Peer two clusters with a one-time token.
@@ -57,6 +60,7 @@ pub fn run(
         Command::Config(c) => config::run(c),
         Command::Controller(c) => controller::run(c, logs),
         Command::Link(c) => link::run(c),
+        Command::Demo(c) => demo::run(c),
         Command::Gateway(c) => gateway::run(c, logs),
         Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
