@@ -181,7 +181,6 @@ pub fn config(
 }
 
 /// Starts a workload (app + sidecar) in `c`.
-#[allow(clippy::too_many_arguments)]
 pub async fn workload(
     c: &Cluster,
     trust: Arc<TrustStore>,
@@ -190,6 +189,24 @@ pub async fn workload(
     version: &str,
     zone: &str,
     gateway: Option<SocketAddr>,
+) -> Workload {
+    let sa = name.split('-').next().unwrap_or(name);
+    let certs = isthmus_core::testing::leaf(&c.ca, &c.workload_id(sa), DAY);
+    workload_with_certs(c, trust, state, name, version, zone, gateway, certs).await
+}
+
+/// [`workload`] with the given certificate source (a `RotatingCert` in
+/// rotation tests).
+#[allow(clippy::too_many_arguments)]
+pub async fn workload_with_certs(
+    c: &Cluster,
+    trust: Arc<TrustStore>,
+    state: watch::Receiver<Arc<MeshState>>,
+    name: &str,
+    version: &str,
+    zone: &str,
+    gateway: Option<SocketAddr>,
+    certs: Arc<dyn crate::app::CertSource>,
 ) -> Workload {
     let app = app(c.name, name, version).await;
     let sa = name.split('-').next().unwrap_or(name);
@@ -206,7 +223,7 @@ pub async fn workload(
     let sidecar = app::build(
         cfg,
         Deps {
-            certs: isthmus_core::testing::leaf(&c.ca, &c.workload_id(sa), DAY),
+            certs,
             trust,
             state,
             logs: None,

@@ -847,3 +847,112 @@ async fn locality_first_then_the_remote_tier_through_real_gateways() {
         .await;
     assert!(a.body.starts_with("east "), "{a:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_with_zero_errors() {
+    use isthmus_core::identity::{CertificateSigner, RotatingCert};
+    let mesh = Mesh::new();
+    let east = mesh.get("east");
+    let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let t = mesh.trust.clone();
+    // Two-second certificates, renewed at about half their life: over the
+    // run every sidecar rotates at least twice and the first certificates
+    // expire, so a handshake with a stale one would fail.
+    let ttl = Duration::from_secs(2);
+    let signer: Arc<dyn CertificateSigner> = Arc::new(east.ca.clone());
+    let mut certs = Vec::new();
+    let mut renewals = Vec::new();
+    let mut cert = async |sa: &str| {
+        let c = RotatingCert::issue(
+            east.workload_id(sa),
+            signer.as_ref(),
+            ttl,
+            isthmus_core::tls::provider(),
+        )
+        .await
+        .unwrap();
+        renewals.push(c.spawn_renewal(signer.clone(), ttl));
+        certs.push(c.clone());
+        c
+    };
+    let client = workload_with_certs(
+        east,
+        t.clone(),
+        rx.clone(),
+        "sleep",
+        "v1",
+        "us-east1-a",
+        None,
+        cert("sleep").await,
+    )
+    .await;
+    let v1 = workload_with_certs(
+        east,
+        t.clone(),
+        rx.clone(),
+        "helloworld-v1",
+        "v1",
+        "us-east1-a",
+        None,
+        cert("helloworld").await,
+    )
+    .await;
+    let v2 = workload_with_certs(
+        east,
+        t,
+        rx,
+        "helloworld-v2",
+        "v2",
+        "us-east1-a",
+        None,
+        cert("helloworld").await,
+    )
+    .await;
+    let mut s = MeshState::default();
+    s.local.insert(
+        ServiceKey::new(NS, "helloworld"),
+        helloworld(east, &[&v1, &v2], &[]),
+    );
+    publish(&tx, s, &[&client.sidecar, &v1.sidecar, &v2.sidecar]).await;
+
+    // Four clients in a loop; every 250 ms the client sidecar's pool is
+    // emptied, so new mTLS handshakes happen throughout.
+    let proxy = client.sidecar.outbound_addr;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let loads: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::new(proxy);
+                let (mut ok, mut bad) = (0, Vec::new());
+                while Instant::now() < deadline {
+                    let a = c.get(&format!("{URL}/"), &[]).await;
+                    if a.status == 200 {
+                        ok += 1
+                    } else {
+                        bad.push(a)
+                    }
+                }
+                (ok, bad)
+            })
+        })
+        .collect();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.sidecar.ctx.mesh.clear();
+    }
+    let mut total = 0;
+    for l in loads {
+        let (ok, bad) = l.await.unwrap();
+        assert!(bad.is_empty(), "failed requests during rotation: {bad:?}");
+        total += ok;
+    }
+    assert!(total > 200, "{total} requests");
+    for c in &certs {
+        assert!(
+            c.rotations() >= 2,
+            "{} rotated {} times",
+            c.id(),
+            c.rotations()
+        );
+    }
+}
