@@ -12,6 +12,7 @@
 //! component's admin 15000, metrics 15020, readiness 15021 on its own IP.
 
 pub mod client;
+pub mod netns;
 pub mod sample;
 
 use std::collections::BTreeMap;
@@ -43,8 +44,11 @@ pub struct WorkloadSpec {
 pub struct ClusterSpec {
     pub name: String,
     pub region: String,
-    /// Third octet of the cluster's loopback range.
+    /// Third octet of the cluster's range.
     pub net: u8,
+    /// First two octets: 127.0 on loopback, 10.77 in the
+    /// network-namespace tier.
+    pub prefix: [u8; 2],
     pub workloads: Vec<WorkloadSpec>,
 }
 
@@ -76,12 +80,13 @@ impl ClusterSpec {
             name: name.into(),
             region: region.into(),
             net,
+            prefix: [127, 0],
             workloads,
         }
     }
 
     fn ip(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(127, 0, self.net, host)
+        Ipv4Addr::new(self.prefix[0], self.prefix[1], self.net, host)
     }
     pub fn controller_ip(&self) -> Ipv4Addr {
         self.ip(1)
@@ -112,6 +117,16 @@ pub fn demo_clusters(base: u8) -> Vec<ClusterSpec> {
         ),
         ClusterSpec::new("eu", "europe-west1", base + 2, &[("v1", "europe-west1-b")]),
     ]
+}
+
+/// The admin API must be on loopback; in the network-namespace tier each
+/// component takes 127.0.0.<host> inside its namespace.
+pub fn admin_ip(ip: Ipv4Addr) -> Ipv4Addr {
+    if ip.is_loopback() {
+        ip
+    } else {
+        Ipv4Addr::new(127, 0, 0, ip.octets()[3])
+    }
 }
 
 /// A child process, killed on drop.
@@ -145,7 +160,11 @@ pub struct Workload {
     pub spec: WorkloadSpec,
     pub ip: Ipv4Addr,
     pub app: Option<sample::App>,
+    /// The app as a process (network-namespace tier).
+    pub app_proc: Option<Proc>,
     pub sidecar: Option<Proc>,
+    /// Not killed (its endpoint is ready).
+    pub running: bool,
 }
 
 impl Workload {
@@ -156,7 +175,7 @@ impl Workload {
         SocketAddr::from((self.ip, 15006))
     }
     pub fn admin(&self) -> SocketAddr {
-        SocketAddr::from((self.ip, 15000))
+        SocketAddr::from((admin_ip(self.ip), 15000))
     }
     pub fn metrics(&self) -> SocketAddr {
         SocketAddr::from((self.ip, 15020))
@@ -178,13 +197,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn controller_admin(&self) -> SocketAddr {
-        SocketAddr::from((self.spec.controller_ip(), 15000))
+        SocketAddr::from((admin_ip(self.spec.controller_ip()), 15000))
     }
     pub fn controller_readiness(&self) -> SocketAddr {
         SocketAddr::from((self.spec.controller_ip(), 15021))
     }
     pub fn gateway_admin(&self) -> SocketAddr {
-        SocketAddr::from((self.spec.gateway_ip(), 15000))
+        SocketAddr::from((admin_ip(self.spec.gateway_ip()), 15000))
     }
     pub fn gateway_metrics(&self) -> SocketAddr {
         SocketAddr::from((self.spec.gateway_ip(), 15020))
@@ -225,6 +244,10 @@ pub struct Harness {
     /// Where processes' stderr goes (`None`: inherited).
     log_dir: Option<PathBuf>,
     log_level: String,
+    /// Set in the network-namespace tier.
+    pub namespaces: Option<netns::Namespaces>,
+    /// Controllers' `staleLease`.
+    stale_lease: Duration,
 }
 
 fn yaml_path(p: &Path) -> String {
@@ -244,6 +267,8 @@ impl Harness {
             // ISTHMUS_E2E_LOG raises the processes' log level when a
             // scenario needs a closer look (logs under <root>/logs).
             log_level: std::env::var("ISTHMUS_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            namespaces: None,
+            stale_lease: Duration::from_secs(30),
         };
         std::fs::create_dir_all(root.join("logs"))?;
         for spec in specs {
@@ -277,7 +302,9 @@ impl Harness {
                     spec: w.clone(),
                     ip: spec.workload_ip(i),
                     app: None,
+                    app_proc: None,
                     sidecar: None,
+                    running: false,
                 })
                 .collect();
             let c = Cluster {
@@ -292,6 +319,51 @@ impl Harness {
             h.clusters.push(c);
         }
         Ok(h)
+    }
+
+    /// Like [`Harness::new`], each cluster in a network namespace of its
+    /// own with addresses 10.77.N.x (see [`netns`]).
+    pub fn new_netns(bin: &Path, root: &Path, mut specs: Vec<ClusterSpec>) -> anyhow::Result<Self> {
+        for s in &mut specs {
+            s.prefix = netns::PREFIX;
+        }
+        let most = specs.iter().map(|s| s.workloads.len()).max().unwrap_or(0) as u8;
+        let mut hosts = vec![1, 2];
+        hosts.extend(10..10 + most);
+        let namespaces = netns::Namespaces::create(&specs, &hosts)?;
+        let mut h = Self::new(bin, root, specs)?;
+        h.namespaces = Some(namespaces);
+        Ok(h)
+    }
+
+    /// Drops every packet between clusters `a` and `b` (iptables inside
+    /// both namespaces).
+    pub fn partition(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        let ns = self
+            .namespaces
+            .as_ref()
+            .context("partition needs the network-namespace tier")?;
+        ns.partition(a, &self.cluster(b).spec)?;
+        ns.partition(b, &self.cluster(a).spec)
+    }
+
+    /// Removes a partition.
+    pub fn heal(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        let ns = self
+            .namespaces
+            .as_ref()
+            .context("heal needs the network-namespace tier")?;
+        ns.heal(a, &self.cluster(b).spec)?;
+        ns.heal(b, &self.cluster(a).spec)
+    }
+
+    /// Sets the controllers' `staleLease` (before they start).
+    pub fn stale_lease(mut self, lease: Duration) -> anyhow::Result<Self> {
+        self.stale_lease = lease;
+        for c in &self.clusters {
+            self.write_configs(c)?;
+        }
+        Ok(self)
     }
 
     /// Log level of the processes (`ISTHMUS_LOG`).
@@ -315,7 +387,7 @@ impl Harness {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn spawn(&self, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+    fn spawn(&self, cluster: &str, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
         let stderr = match &self.log_dir {
             Some(d) => Stdio::from(
                 std::fs::OpenOptions::new()
@@ -325,7 +397,15 @@ impl Harness {
             ),
             None => Stdio::inherit(),
         };
-        let child = Command::new(&self.bin)
+        let mut cmd = match &self.namespaces {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.of(cluster)]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(args)
             .env("ISTHMUS_LOG", &self.log_level)
             .stdout(Stdio::null())
@@ -361,7 +441,8 @@ impl Harness {
         );
         let admin = |ip: Ipv4Addr| {
             format!(
-                "admin: {{admin: \"{ip}:15000\", metrics: \"{ip}:15020\", readiness: \"{ip}:15021\"}}"
+                "admin: {{admin: \"{}:15000\", metrics: \"{ip}:15020\", readiness: \"{ip}:15021\"}}",
+                admin_ip(ip)
             )
         };
         let ctl = s.controller_ip();
@@ -379,7 +460,8 @@ impl Harness {
             format!(
                 "kind: Controller\n{cluster}\ncaDir: {ca}\nsourceDir: {m}\ncaTokens: {t}\n\
                  listen: {{federation: \"{ctl}:15012\", local: \"{ctl}:15010\"}}\n\
-                 gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: 30s\n{a}\n",
+                 gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: {lease}ms\n{a}\n",
+                lease = self.stale_lease.as_millis(),
                 ca = d("ca"),
                 m = d("manifests"),
                 t = d("ca-tokens"),
@@ -497,6 +579,7 @@ impl Harness {
         let c = self.cluster(cluster);
         let cfg = yaml_path(&c.dir.join("controller.yaml"));
         let p = self.spawn(
+            cluster,
             &format!("{cluster}-controller"),
             &["controller", "--config", &cfg],
         )?;
@@ -509,6 +592,7 @@ impl Harness {
         let c = self.cluster(cluster);
         let cfg = yaml_path(&c.dir.join("gateway.yaml"));
         let p = self.spawn(
+            cluster,
             &format!("{cluster}-gateway"),
             &["gateway", "--config", &cfg],
         )?;
@@ -538,14 +622,43 @@ impl Harness {
             instance: w.spec.name.clone(),
             zone: w.spec.zone.clone(),
         };
-        let app = sample::start(SocketAddr::from((w.ip, 8080)), who, pad)
-            .await
-            .with_context(|| format!("cannot start app {name} on {}:8080", w.ip))?;
+        let listen = SocketAddr::from((w.ip, 8080));
+        let (app, app_proc) = if self.namespaces.is_some() {
+            let p = self.spawn(
+                cluster,
+                &format!("{cluster}-{name}-app"),
+                &[
+                    "sample-app",
+                    "--listen",
+                    &listen.to_string(),
+                    "--cluster",
+                    cluster,
+                    "--app-version",
+                    &who.version,
+                    "--instance",
+                    &who.instance,
+                    "--zone",
+                    &who.zone,
+                ],
+            )?;
+            (None, Some(p))
+        } else {
+            let app = sample::start(listen, who, pad)
+                .await
+                .with_context(|| format!("cannot start app {name} on {listen}"))?;
+            (Some(app), None)
+        };
         let cfg = yaml_path(&c.dir.join(format!("sidecar-{name}.yaml")));
-        let p = self.spawn(&format!("{cluster}-{name}"), &["proxy", "--config", &cfg])?;
+        let p = self.spawn(
+            cluster,
+            &format!("{cluster}-{name}"),
+            &["proxy", "--config", &cfg],
+        )?;
         let w = &mut self.cluster_mut(cluster).workloads[i];
-        w.app = Some(app);
+        w.app = app;
+        w.app_proc = app_proc;
         w.sidecar = Some(p);
+        w.running = true;
         Ok(())
     }
 
@@ -634,9 +747,8 @@ impl Harness {
                 .filter(|o| o.workloads.iter().any(|w| w.spec.app == "helloworld"))
                 .map(|o| o.spec.name.as_str())
                 .collect();
-            let client = c.client().admin();
             loop {
-                let have = imported_clusters(client).await;
+                let have = self.imported(&c.spec.name).await;
                 if want.iter().all(|w| have.iter().any(|h| h == w)) {
                     break;
                 }
@@ -662,9 +774,13 @@ impl Harness {
         if let Some(a) = w.app.take() {
             a.stop();
         }
+        if let Some(p) = w.app_proc.take() {
+            p.kill();
+        }
         if let Some(p) = w.sidecar.take() {
             p.kill();
         }
+        w.running = false;
         self.rewrite_endpoints(cluster)
     }
 
@@ -673,7 +789,7 @@ impl Harness {
         let down: Vec<&str> = c
             .workloads
             .iter()
-            .filter(|w| w.app.is_none())
+            .filter(|w| !w.running)
             .map(|w| w.spec.name.as_str())
             .collect();
         self.write_manifests(c, &down)
@@ -752,9 +868,50 @@ pub async fn wait_ready(
     }
 }
 
-/// The clusters a sidecar's config names for imported helloworld.
-pub async fn imported_clusters(sidecar_admin: SocketAddr) -> Vec<String> {
-    let Ok(body) = isthmus_core::admin::http_get(sidecar_admin, "/config_dump").await else {
+impl Harness {
+    /// GETs an admin path of a component of `cluster` (inside its
+    /// namespace in the network-namespace tier).
+    pub async fn admin_get(&self, cluster: &str, addr: SocketAddr, path: &str) -> Option<String> {
+        match &self.namespaces {
+            None => isthmus_core::admin::http_get(addr, path).await.ok(),
+            Some(ns) => {
+                let out = tokio::process::Command::new("ip")
+                    .args(["netns", "exec", &ns.of(cluster)])
+                    .arg(&self.bin)
+                    .args(["admin-get", &addr.to_string(), path])
+                    .output()
+                    .await
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        }
+    }
+
+    /// The clusters `cluster`'s client sidecar knows healthy helloworld
+    /// endpoints in.
+    pub async fn imported(&self, cluster: &str) -> Vec<String> {
+        let admin = self.cluster(cluster).client().admin();
+        parse_imported(self.admin_get(cluster, admin, "/config_dump").await)
+    }
+
+    /// Whether `cluster`'s controller marks `peer` stale.
+    pub async fn peer_stale(&self, cluster: &str, peer: &str) -> Option<bool> {
+        let admin = self.cluster(cluster).controller_admin();
+        let body = self.admin_get(cluster, admin, "/config_dump").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["cluster"] == peer)?["stale"]
+            .as_bool()
+    }
+}
+
+/// The clusters a sidecar's config dump names for imported helloworld.
+fn parse_imported(body: Option<String>) -> Vec<String> {
+    let Some(body) = body else {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -431,8 +431,12 @@ async fn send(
     req: Request<Body>,
 ) -> Result<Response<Incoming>, Failure> {
     let sni = sni(dest.port.port, dest.subset.as_deref(), &dest.host);
+    let max_age = match target {
+        Target::Remote { .. } => Some(crate::upstream::REMOTE_MAX_AGE),
+        Target::Local { .. } => None,
+    };
     ctx.mesh
-        .send(target.addr(), &sni, &dest.key.namespace, req)
+        .send(target.addr(), &sni, &dest.key.namespace, max_age, req)
         .await
         .map_err(Failure::Upstream)
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -60,7 +60,7 @@ struct Key {
 pub struct MeshPool {
     certs: Arc<dyn CertSource>,
     trust: Arc<TrustStore>,
-    conns: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    conns: Mutex<HashMap<Key, (http2::SendRequest<Body>, Instant)>>,
     /// One connect at a time per destination, so a burst shares it.
     connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -81,13 +81,20 @@ impl MeshPool {
         }
     }
 
-    fn cached(&self, key: &Key) -> Option<http2::SendRequest<Body>> {
+    fn cached(&self, key: &Key, max_age: Option<Duration>) -> Option<http2::SendRequest<Body>> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.get(key).filter(|s| !s.is_closed()).cloned()
+        conns
+            .get(key)
+            .filter(|(s, born)| !s.is_closed() && max_age.is_none_or(|m| born.elapsed() < m))
+            .map(|(s, _)| s.clone())
     }
 
-    async fn sender(&self, key: &Key) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        if let Some(s) = self.cached(key) {
+    async fn sender(
+        &self,
+        key: &Key,
+        max_age: Option<Duration>,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        if let Some(s) = self.cached(key, max_age) {
             return Ok(s);
         }
         let gate = {
@@ -95,14 +102,16 @@ impl MeshPool {
             c.entry(key.clone()).or_default().clone()
         };
         let _held = gate.lock().await;
-        if let Some(s) = self.cached(key) {
+        if let Some(s) = self.cached(key, max_age) {
             return Ok(s);
         }
         let s = self.connect(key).await?;
+        // A replaced connection finishes its requests in flight, then
+        // closes (its last sender is dropped).
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), s.clone());
+            .insert(key.clone(), (s.clone(), Instant::now()));
         Ok(s)
     }
 
@@ -148,12 +157,14 @@ impl MeshPool {
     }
 
     /// Sends `req` to `addr` over mTLS with `sni`, accepting only a
-    /// workload of `namespace` as the server.
+    /// workload of `namespace` as the server. A pooled connection older
+    /// than `max_age` is not used for new requests.
     pub async fn send(
         &self,
         addr: SocketAddr,
         sni: &str,
         namespace: &str,
+        max_age: Option<Duration>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = Key {
@@ -161,7 +172,7 @@ impl MeshPool {
             sni: sni.to_owned(),
             namespace: namespace.to_owned(),
         };
-        let mut s = self.sender(&key).await?;
+        let mut s = self.sender(&key, max_age).await?;
         s.ready()
             .await
             .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
@@ -184,6 +195,13 @@ impl MeshPool {
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
+
+/// How long a connection through the gateway serves new requests. The
+/// gateway picks a cluster per connection, so a pooled connection stays
+/// with the cluster it got; renewing it lets traffic fail back (or
+/// rebalance) when a better cluster returns, like Envoy's
+/// `max_connection_duration`.
+pub const REMOTE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Istio's SNI for a mesh destination.
 pub fn sni(port: u16, subset: Option<&str>, host: &str) -> String {

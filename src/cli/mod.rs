@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use isthmus_core::telemetry::LogFormat;
 
+mod admin_get;
 mod ca;
 mod config;
 mod controller;
@@ -10,6 +11,7 @@ mod demo;
 mod gateway;
 mod link;
 mod proxy;
+mod sample;
 mod status;
 
 /// Isthmus: one service mesh across several Kubernetes clusters.
@@ -46,6 +48,12 @@ pub enum Command {
     Controller(controller::ControllerArgs),
     /// Run the sidecar beside one workload.
     Proxy(proxy::ProxyArgs),
+    /// GET an admin path and print it (used by the network-namespace tests).
+    #[command(hide = true)]
+    AdminGet(admin_get::AdminGetArgs),
+    /// The demo's sample app (used by the network-namespace tests).
+    #[command(hide = true)]
+    SampleApp(sample::SampleArgs),
     /// Show what a controller knows of its peers.
     Status(status::StatusArgs),
 }
@@ -64,5 +72,7 @@ pub fn run(
         Command::Gateway(c) => gateway::run(c, logs),
         Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
+        Command::SampleApp(c) => sample::run(c),
+        Command::AdminGet(c) => admin_get::run(c),
     }
 }
