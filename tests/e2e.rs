@@ -402,3 +402,76 @@ async fn netns_a_partition_makes_the_peer_stale_then_withdrawn_and_traffic_moves
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_root_is_not_trusted_is_refused_and_imports_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = NET.fetch_add(3, Ordering::Relaxed);
+    let specs = vec![
+        isthmus_e2e::ClusterSpec::new("east", "us-east1", base, &[("v1", "us-east1-a")]),
+        isthmus_e2e::ClusterSpec::new("rogue", "us-east1", base + 1, &[("v1", "us-east1-a")]),
+        isthmus_e2e::ClusterSpec::new("decoy", "us-east1", base + 2, &[]),
+    ];
+    let mut h = Harness::new(bin(), dir.path(), specs).unwrap();
+    // East is configured to peer with "rogue" but holds the wrong root for
+    // it (decoy's); rogue holds east's real root. Neither side can prove
+    // itself to the other: east refuses rogue's certificate, and rogue's
+    // dial is refused by east as from an unknown trust domain.
+    let root = |c: &str| h.cluster(c).dir.join("root/root-cert.pem");
+    let peer = |name: &str, net: u8, bundle: &Path| {
+        format!(
+            "peers: [{{name: {name}, address: \"127.0.{net}.1:15012\", trustDomain: {name}.local, trustBundle: {}}}]\n",
+            bundle.display()
+        )
+    };
+    let append = |c: &str, text: String| {
+        let p = h.cluster(c).dir.join("controller.yaml");
+        let mut y = std::fs::read_to_string(&p).unwrap();
+        y.push_str(&text);
+        std::fs::write(p, y).unwrap();
+    };
+    append("east", peer("rogue", base + 1, &root("decoy")));
+    append("rogue", peer("east", base, &root("east")));
+    for c in ["east", "rogue"] {
+        h.start_controller(c).unwrap();
+        h.start_gateway(c).unwrap();
+        for w in ["sleep", "helloworld-v1-0"] {
+            h.start_workload(c, w).await.unwrap();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    isthmus_e2e::wait_ready(
+        h.cluster("east").client().readiness(),
+        deadline,
+        "east sleep",
+    )
+    .await
+    .unwrap();
+    // Several dial rounds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let body = isthmus_core::admin::http_get(h.cluster("east").controller_admin(), "/config_dump")
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rogue = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cluster"] == "rogue")
+        .unwrap()
+        .clone();
+    assert_eq!(rogue["connected"], false, "{rogue}");
+    let reason = rogue["last_disconnect_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.to_lowercase().contains("certificate")
+            || reason.contains("issuer")
+            || reason.contains("trust"),
+        "the reason names the certificate problem: {rogue}"
+    );
+    assert_eq!(rogue["imported"], 0);
+    assert!(h.imported("east").await.is_empty());
+    // East's own service still answers.
+    let mut c = Client::new(h.cluster("east").client().outbound());
+    assert_eq!(c.get(URL).await.cluster(), Some("east"));
+}
