@@ -9,11 +9,10 @@
 //! wrk`). `ISTHMUS_BENCH_SECONDS` (default 10) sets each run's length,
 //! `ISTHMUS_BENCH_ROUNDS` (default 3) the rounds; medians are reported.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use isthmus_e2e::load::{Run, cpu_seconds, median, rss_kib, wrk};
 use isthmus_e2e::{ClusterSpec, Harness};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -21,97 +20,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-#[derive(Debug, Clone, Default)]
-struct Run {
-    rps: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    errors: u64,
-}
-
-/// wrk's latency value in microseconds.
-fn micros(v: &str) -> f64 {
-    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-    let n: f64 = num.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => f64::NAN,
-    }
-}
-
-fn wrk(target: SocketAddr, host: &str, seconds: u64, conns: u32, delay_ms: Option<u32>) -> Run {
-    let script = std::env::temp_dir().join(format!("isthmus-wrk-{}.lua", std::process::id()));
-    let mut lua = format!("wrk.headers[\"Host\"] = \"{host}\"\n");
-    if let Some(d) = delay_ms {
-        // wrk's per-request delay: each connection sends every `d` ms,
-        // so `conns` connections offer conns * 1000 / d requests/s.
-        lua.push_str(&format!("function delay() return {d} end\n"));
-    }
-    std::fs::write(&script, lua).unwrap();
-    let out = Command::new("wrk")
-        .args([
-            if conns < 2 { "-t1" } else { "-t2" },
-            &format!("-c{conns}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            "-s",
-            script.to_str().unwrap(),
-            &format!("http://{target}/"),
-        ])
-        .output()
-        .expect("wrk is installed (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut r = Run::default();
-    for line in text.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["50%", v] => r.p50 = micros(v),
-            ["90%", v] => r.p90 = micros(v),
-            ["99%", v] => r.p99 = micros(v),
-            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
-            ["Socket", "errors:", ..] => {
-                r.errors += w
-                    .iter()
-                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
-                    .sum::<u64>()
-            }
-            _ => {}
-        }
-    }
-    assert!(
-        r.rps > 0.0,
-        "wrk failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    r
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -256,11 +164,14 @@ async fn main() {
         )
     );
     for (i, (name, pid)) in pids.iter().enumerate() {
+        let (pss, private) = isthmus_e2e::load::pss_private_kib(*pid);
         println!(
-            "{name}: {:.3} vCPU per 1000 rps; resident {:.1} MiB now, peak {:.1} MiB",
+            "{name}: {:.3} vCPU per 1000 rps; resident {:.1} MiB now, peak {:.1} MiB; PSS {:.1} MiB, private {:.1} MiB",
             median(cpu[i].clone()),
             rss_kib(*pid, "VmRSS:") as f64 / 1024.0,
-            rss_kib(*pid, "VmHWM:") as f64 / 1024.0
+            rss_kib(*pid, "VmHWM:") as f64 / 1024.0,
+            pss as f64 / 1024.0,
+            private as f64 / 1024.0
         );
     }
 }

@@ -12,6 +12,7 @@
 //! component's admin 15000, metrics 15020, readiness 15021 on its own IP.
 
 pub mod client;
+pub mod load;
 pub mod netns;
 pub mod sample;
 

@@ -189,6 +189,15 @@ impl MeshPool {
         })
     }
 
+    /// Drops the pooled connections to `addr` (the gateway, when the
+    /// remote clusters change: new connections let it choose again).
+    pub fn clear_addr(&self, addr: SocketAddr) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| k.addr != addr);
+    }
+
     /// Drops every pooled connection (after a certificate rotation new
     /// connections show the new certificate; old ones finish).
     pub fn clear(&self) {
