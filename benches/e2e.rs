@@ -12,15 +12,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use isthmus_e2e::load::{Run, median, wrk};
+use isthmus_e2e::load::{Run, env, median, wrk};
 use isthmus_e2e::{Client, Harness, demo_clusters};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const URL: &str = "http://helloworld.sample.svc.cluster.local:5000/";
 

@@ -12,15 +12,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use isthmus_e2e::load::{Run, cpu_seconds, median, rss_kib, wrk};
+use isthmus_e2e::load::{Run, cpu_seconds, env, median, rss_kib, wrk};
 use isthmus_e2e::{ClusterSpec, Harness};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {

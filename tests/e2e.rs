@@ -48,18 +48,22 @@ async fn a_cross_cluster_call_keeps_the_callers_identity() {
     );
 }
 
+/// The answering cluster, or `FAILED <status> <body>`.
+fn label(a: &isthmus_e2e::Answer) -> String {
+    if a.ok() {
+        a.cluster().unwrap_or("?").to_owned()
+    } else {
+        format!("FAILED {} {}", a.status, a.body.trim())
+    }
+}
+
 /// Sends `n` requests from `cluster`'s client, 20 ms apart; returns the
 /// answering cluster of each ("" for a failure).
 async fn traffic(h: &Harness, cluster: &str, n: usize) -> Vec<String> {
     let mut c = Client::new(h.cluster(cluster).client().outbound());
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let a = c.get(URL).await;
-        out.push(if a.ok() {
-            a.cluster().unwrap_or("?").to_owned()
-        } else {
-            format!("FAILED {} {}", a.status, a.body.trim())
-        });
+        out.push(label(&c.get(URL).await));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     out
@@ -163,12 +167,7 @@ async fn a_killed_gateway_process_costs_zero_failed_new_requests() {
             let mut c = Client::new(proxy);
             let mut out = Vec::new();
             for _ in 0..150 {
-                let a = c.get(URL).await;
-                out.push(if a.ok() {
-                    a.cluster().unwrap_or("?").to_owned()
-                } else {
-                    format!("FAILED {} {}", a.status, a.body.trim())
-                });
+                out.push(label(&c.get(URL).await));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             out

@@ -13,6 +13,14 @@ pub struct Run {
     pub errors: u64,
 }
 
+/// A numeric benchmark setting from the environment.
+pub fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// wrk's latency value in microseconds.
 fn micros(v: &str) -> f64 {
     let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));

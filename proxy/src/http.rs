@@ -59,6 +59,32 @@ where
     }
 }
 
+/// Accepts connections until the drain starts, handing each (with
+/// Nagle off) to `on_connection`. Accept errors (fd exhaustion) are
+/// logged and retried after a pause.
+pub async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    drain: DrainSignal,
+    what: &'static str,
+    mut on_connection: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed (out of file descriptors?); retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.signaled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        on_connection(stream, peer);
+    }
+}
+
 /// An answer made here (not by an upstream), with a reason header for
 /// operators.
 pub fn local_reply(status: StatusCode, body: &str, reason: &str) -> Response<Body> {

@@ -92,21 +92,10 @@ pub fn authorize(
 /// Accepts inbound connections until the drain starts.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     let drain = ctx.drain.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = drain.signaled() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    crate::http::accept_loop(listener, drain, "inbound", |stream, peer| {
         tokio::spawn(connection(ctx.clone(), stream, peer));
-    }
+    })
+    .await;
 }
 
 async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {

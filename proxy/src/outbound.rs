@@ -34,25 +34,13 @@ const RETRY_BUFFER: u64 = 64 * 1024;
 /// Accepts outbound connections until the drain starts.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, transparent: bool) {
     let drain = ctx.drain.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = drain.signaled() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    crate::http::accept_loop(listener, drain.clone(), "outbound", |stream, peer| {
         let original = if transparent {
             match original_dst(&stream) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     warn!(peer = %peer, error = %e, "no original destination on a transparent connection (is the iptables REDIRECT rule in place?); closing");
-                    continue;
+                    return;
                 }
             }
         } else {
@@ -67,7 +55,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, transparent: bool) {
                 async move { handle(ctx, req, peer, original).await }
             },
         ));
-    }
+    })
+    .await;
 }
 
 /// The destination before an iptables REDIRECT.
