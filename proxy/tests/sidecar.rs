@@ -956,3 +956,72 @@ async fn certificates_rotate_under_load_with_zero_errors() {
         );
     }
 }
+
+/// Removes an iptables rule on drop.
+struct Rule(Vec<String>);
+impl Drop for Rule {
+    fn drop(&mut self) {
+        let mut args = self.0.clone();
+        args[2] = "-D".into();
+        let _ = std::process::Command::new("iptables").args(&args).status();
+    }
+}
+
+#[tokio::test]
+async fn transparent_mode_routes_connections_redirected_by_iptables() {
+    // The REDIRECT a Kubernetes init container installs, scoped to one
+    // made-up destination so nothing else on the machine is touched.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let has_iptables = std::process::Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !(root && has_iptables) {
+        if std::env::var_os("ISTHMUS_SKIP_NETNS").is_some() {
+            eprintln!("SKIPPED transparent mode: needs root and iptables (ISTHMUS_SKIP_NETNS is set)");
+            return;
+        }
+        panic!("transparent mode test needs root and iptables; run as root, or set ISTHMUS_SKIP_NETNS=1 to skip it");
+    }
+    let one = One::new().await;
+    let east = one._mesh.get("east");
+    let app = app("east", "legacy", "v1").await;
+    let mut cfg = config(east, "legacy", "sleep", &[], "us-east1-a", app.addr, None);
+    cfg.transparent_addr = Some("127.0.0.1:0".parse().unwrap());
+    let sidecar = isthmus_proxy::app::build(
+        cfg,
+        isthmus_proxy::app::Deps {
+            certs: isthmus_core::testing::leaf(&east.ca, &east.workload_id("sleep"), DAY),
+            trust: one._mesh.trust.clone(),
+            state: one.tx.subscribe(),
+            logs: None,
+            access_log: None,
+        },
+    )
+    .await
+    .unwrap();
+    let port = sidecar.transparent_addr.unwrap().port();
+    let dest = format!("127.0.{}.{}", 100 + std::process::id() % 100, 7);
+    let args: Vec<String> = [
+        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", &dest, "--dport", "5000", "-j", "REDIRECT", "--to-ports", &port.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert!(std::process::Command::new("iptables").args(&args).status().unwrap().success());
+    let _rule = Rule(args);
+    // The app dials the service's address as if it were a ClusterIP; the
+    // sidecar reads the original destination and routes by Host.
+    let mut s = tokio::net::TcpStream::connect(format!("{dest}:5000")).await.unwrap();
+    s.write_all(b"GET /transparent HTTP/1.1\r\nHost: helloworld\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("east helloworld-v"), "{out}");
+    assert!(
+        out.contains("URI=spiffe://east.local/ns/sample/sa/sleep"),
+        "end-to-end mTLS with the workload's identity: {out}"
+    );
+}
