@@ -474,3 +474,50 @@ async fn a_cluster_whose_root_is_not_trusted_is_refused_and_imports_nothing() {
     let mut c = Client::new(h.cluster("east").client().outbound());
     assert_eq!(c.get(URL).await.cluster(), Some("east"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = NET.fetch_add(3, Ordering::Relaxed);
+    // Four-second workload certificates from each controller's CA,
+    // renewed at about half their life: over 12 s each sidecar rotates
+    // several times and its first certificates expire.
+    let mut h = Harness::new(bin(), dir.path(), demo_clusters(base))
+        .unwrap()
+        .log_level("warn,isthmus_core::identity::rotation=info")
+        .certificate_ttl(Duration::from_secs(4))
+        .unwrap();
+    h.start_all(Duration::from_secs(30)).await.unwrap();
+    // East's traffic crosses to west: new end-to-end mTLS sessions every
+    // few seconds (connections through the gateway are renewed).
+    h.kill_instance("east", "helloworld-v1-0").unwrap();
+    h.kill_instance("east", "helloworld-v1-1").unwrap();
+    until(&h, "east", "crosses to west", |a| a.iter().all(|x| x == "west")).await;
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let proxy = h.cluster("east").client().outbound();
+            tokio::spawn(async move {
+                let mut c = Client::new(proxy);
+                let t = std::time::Instant::now();
+                let mut out = Vec::new();
+                while t.elapsed() < Duration::from_secs(12) {
+                    out.push(label(&c.get(URL).await));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for l in load {
+        all.extend(l.await.unwrap());
+    }
+    assert!(all.len() > 300, "{} requests", all.len());
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    for (cluster, name) in [("east", "sleep"), ("west", "helloworld-v1-0"), ("west", "helloworld-v2-0")] {
+        let log = std::fs::read_to_string(h.root.join("logs").join(format!("{cluster}-{name}.log"))).unwrap();
+        let rotations = log.matches("certificate rotated").count();
+        assert!(rotations >= 3, "{cluster}/{name} rotated {rotations} times:\n{log}");
+    }
+}

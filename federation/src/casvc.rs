@@ -92,9 +92,10 @@ impl CertificateService for CaService {
             CertificateSigningRequestDer::from_pem_slice(req.csr_pem.as_bytes()).map_err(|e| {
                 Status::invalid_argument(format!("csr_pem is not a PEM CERTIFICATE REQUEST: {e}"))
             })?;
+        // A workload may ask for a shorter life, never a longer one.
         let ttl = match req.requested_ttl_seconds {
             0 => DEFAULT_LEAF_TTL,
-            s => Duration::from_secs(s),
+            s => Duration::from_secs(s).min(DEFAULT_LEAF_TTL),
         };
         let issued = self
             .ca

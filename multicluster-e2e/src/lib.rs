@@ -249,6 +249,8 @@ pub struct Harness {
     pub namespaces: Option<netns::Namespaces>,
     /// Controllers' `staleLease`.
     stale_lease: Duration,
+    /// Sidecars' `certificateTtl`.
+    certificate_ttl: Duration,
 }
 
 fn yaml_path(p: &Path) -> String {
@@ -270,6 +272,7 @@ impl Harness {
             log_level: std::env::var("ISTHMUS_E2E_LOG").unwrap_or_else(|_| "warn".into()),
             namespaces: None,
             stale_lease: Duration::from_secs(30),
+            certificate_ttl: Duration::from_secs(24 * 3600),
         };
         std::fs::create_dir_all(root.join("logs"))?;
         for spec in specs {
@@ -361,6 +364,15 @@ impl Harness {
     /// Sets the controllers' `staleLease` (before they start).
     pub fn stale_lease(mut self, lease: Duration) -> anyhow::Result<Self> {
         self.stale_lease = lease;
+        for c in &self.clusters {
+            self.write_configs(c)?;
+        }
+        Ok(self)
+    }
+
+    /// Sets the sidecars' `certificateTtl` (before they start).
+    pub fn certificate_ttl(mut self, ttl: Duration) -> anyhow::Result<Self> {
+        self.certificate_ttl = ttl;
         for c in &self.clusters {
             self.write_configs(c)?;
         }
@@ -490,13 +502,14 @@ impl Harness {
                 format!(
                     "kind: Proxy\n{cluster}\nworkload: {{name: {name}, namespace: {NAMESPACE}, serviceAccount: {app}, app: \"{ip}:8080\", \
                      zone: {zone}, labels: {{app: {app}, version: {v}}}}}\n\
-                     controller: \"{ctl}:15010\"\ntokenFile: {t}\ngateway: \"{gw}:15443\"\naccessLog: false\n\
+                     controller: \"{ctl}:15010\"\ntokenFile: {t}\ngateway: \"{gw}:15443\"\naccessLog: false\ncertificateTtl: {ttl}ms\n\
                      listen: {{outbound: \"{ip}:15001\", inbound: \"{ip}:15006\"}}\n{a}\n",
                     name = w.spec.name,
                     app = w.spec.app,
                     zone = w.spec.zone,
                     v = w.spec.version,
                     t = yaml_path(&token),
+                    ttl = self.certificate_ttl.as_millis(),
                     a = admin(ip),
                 ),
             )?;

@@ -13,6 +13,10 @@ pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 /// Default inbound listener (mTLS, plaintext when PERMISSIVE).
 pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
 
+/// Default life of workload certificates (the controller's CA signs at
+/// most this).
+pub const DEFAULT_CERTIFICATE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The workload a sidecar stands beside.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WorkloadSection {
@@ -47,6 +51,8 @@ pub struct ProxyConfig {
     pub transparent_addr: Option<SocketAddr>,
     /// JSON access log on stdout.
     pub access_log: bool,
+    /// Life of the workload certificate (renewed at about half of it).
+    pub certificate_ttl: std::time::Duration,
     pub admin: AdminSection,
 }
 
@@ -77,6 +83,7 @@ impl FromConfig for ProxyConfig {
         let token_file = r.optional("tokenFile");
         let gateway = r.optional("gateway");
         let access_log = r.or("accessLog", true);
+        let certificate_ttl = r.or("certificateTtl", DEFAULT_CERTIFICATE_TTL);
         let listen = r.object("listen");
         let outbound_addr = listen.or("outbound", DEFAULT_OUTBOUND_ADDR.parse().expect("default"));
         let inbound_addr = listen.or("inbound", DEFAULT_INBOUND_ADDR.parse().expect("default"));
@@ -93,6 +100,7 @@ impl FromConfig for ProxyConfig {
             inbound_addr,
             transparent_addr,
             access_log,
+            certificate_ttl,
             admin: admin?,
         })
     }
@@ -103,6 +111,15 @@ impl FromConfig for ProxyConfig {
                 path: "listen.inbound".into(),
                 message: "inbound and outbound listen on the same address".into(),
                 fix: "use 15001 for outbound and 15006 for inbound".into(),
+            });
+        }
+        if self.certificate_ttl < std::time::Duration::from_secs(2)
+            || self.certificate_ttl > DEFAULT_CERTIFICATE_TTL
+        {
+            errors.push(FieldError {
+                path: "certificateTtl".into(),
+                message: format!("{:?} is outside 2s..24h", self.certificate_ttl),
+                fix: "use e.g. 1h (the CA signs at most 24h)".into(),
             });
         }
         if self.workload.app == self.inbound_addr {

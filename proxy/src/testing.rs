@@ -172,6 +172,7 @@ pub fn config(
         inbound_addr: any,
         transparent_addr: None,
         access_log: std::env::var_os("ISTHMUS_TEST_ACCESS_LOG").is_some(),
+        certificate_ttl: crate::config::DEFAULT_CERTIFICATE_TTL,
         admin: AdminSection {
             admin: any,
             metrics: any,

@@ -9,7 +9,6 @@ use anyhow::{Context, bail};
 use clap::Args;
 use isthmus_core::backoff::Backoff;
 use isthmus_core::caclient::RemoteSigner;
-use isthmus_core::identity::ca::DEFAULT_LEAF_TTL;
 use isthmus_core::identity::{CertificateSigner, RotatingCert, SpiffeId, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::telemetry::LogControl;
@@ -57,12 +56,13 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let w = &config.workload;
+        let ttl = config.certificate_ttl;
         let id = SpiffeId::workload(&config.cluster.trust_domain, &w.namespace, &w.service_account)?;
         let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner { addr: controller, token });
         // The controller may start after its sidecars: keep asking.
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let cert = loop {
-            match RotatingCert::issue(id.clone(), signer.as_ref(), DEFAULT_LEAF_TTL, isthmus_core::tls::provider()).await {
+            match RotatingCert::issue(id.clone(), signer.as_ref(), ttl, isthmus_core::tls::provider()).await {
                 Ok(c) => break c,
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -72,7 +72,7 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
                 }
             }
         };
-        let _renewal = cert.spawn_renewal(signer, DEFAULT_LEAF_TTL);
+        let _renewal = cert.spawn_renewal(signer, ttl);
         // Bundles (this cluster's and every peer's) come with the config.
         let trust = Arc::new(TrustStore::new());
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
