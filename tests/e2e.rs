@@ -493,7 +493,10 @@ async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
     // few seconds (connections through the gateway are renewed).
     h.kill_instance("east", "helloworld-v1-0").unwrap();
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    until(&h, "east", "crosses to west", |a| a.iter().all(|x| x == "west")).await;
+    until(&h, "east", "crosses to west", |a| {
+        a.iter().all(|x| x == "west")
+    })
+    .await;
     let load: Vec<_> = (0..3)
         .map(|_| {
             let proxy = h.cluster("east").client().outbound();
@@ -515,9 +518,71 @@ async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
     }
     assert!(all.len() > 300, "{} requests", all.len());
     assert!(failures(&all).is_empty(), "{:?}", failures(&all));
-    for (cluster, name) in [("east", "sleep"), ("west", "helloworld-v1-0"), ("west", "helloworld-v2-0")] {
-        let log = std::fs::read_to_string(h.root.join("logs").join(format!("{cluster}-{name}.log"))).unwrap();
+    for (cluster, name) in [
+        ("east", "sleep"),
+        ("west", "helloworld-v1-0"),
+        ("west", "helloworld-v2-0"),
+    ] {
+        let log =
+            std::fs::read_to_string(h.root.join("logs").join(format!("{cluster}-{name}.log")))
+                .unwrap();
         let rotations = log.matches("certificate rotated").count();
-        assert!(rotations >= 3, "{cluster}/{name} rotated {rotations} times:\n{log}");
+        assert!(
+            rotations >= 3,
+            "{cluster}/{name} rotated {rotations} times:\n{log}"
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_regions_30_ms_apart_keep_traffic_local_and_cross_with_the_delay() {
+    if !netns_or_skip("netns region delay") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = NET.fetch_add(3, Ordering::Relaxed);
+    let mut h = Harness::new_netns(bin(), dir.path(), demo_clusters(base)).unwrap();
+    h.region_delay(Duration::from_millis(30)).await.unwrap();
+    h.start_all(Duration::from_secs(40)).await.unwrap();
+    let timed = async |h: &Harness| {
+        let mut c = Client::new(h.cluster("east").client().outbound());
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let t = std::time::Instant::now();
+            let a = c.get(URL).await;
+            out.push((label(&a), t.elapsed()));
+        }
+        out
+    };
+    // Local answers do not pay the delay.
+    let local = timed(&h).await;
+    assert!(local.iter().all(|(w, _)| w == "east"), "{local:?}");
+    let fastest_local = local.iter().map(|(_, d)| *d).min().unwrap();
+    assert!(fastest_local < Duration::from_millis(30), "{local:?}");
+    // Crossing to west pays it both ways (request and answer).
+    h.kill_instance("east", "helloworld-v1-0").unwrap();
+    h.kill_instance("east", "helloworld-v1-1").unwrap();
+    until(&h, "east", "crosses to west", |a| {
+        a.iter().all(|x| x == "west")
+    })
+    .await;
+    let remote = timed(&h).await;
+    assert!(remote.iter().all(|(w, _)| w == "west"), "{remote:?}");
+    let fastest = remote.iter().map(|(_, d)| *d).min().unwrap();
+    assert!(fastest >= Duration::from_millis(60), "{remote:?}");
+    // The gateway measures it too (QUIC RTT towards west).
+    let m = isthmus_core::admin::http_get(h.cluster("east").gateway_metrics(), "/metrics")
+        .await
+        .unwrap();
+    let rtt: f64 = m
+        .lines()
+        .find(|l| l.starts_with("isthmus_gateway_peer_rtt_microseconds") && l.contains("west"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(rtt >= 60_000.0, "east→west RTT {rtt} µs\n{m}");
+    eprintln!(
+        "local answers from {fastest_local:?}, west's from {fastest:?}, QUIC RTT {:.1} ms",
+        rtt / 1000.0
+    );
 }

@@ -12,6 +12,7 @@
 //! component's admin 15000, metrics 15020, readiness 15021 on its own IP.
 
 pub mod client;
+pub mod delay;
 pub mod load;
 pub mod netns;
 pub mod sample;
@@ -251,6 +252,8 @@ pub struct Harness {
     stale_lease: Duration,
     /// Sidecars' `certificateTtl`.
     certificate_ttl: Duration,
+    /// Delay relays between regions (network-namespace tier).
+    relays: Option<delay::Relays>,
 }
 
 fn yaml_path(p: &Path) -> String {
@@ -273,6 +276,7 @@ impl Harness {
             namespaces: None,
             stale_lease: Duration::from_secs(30),
             certificate_ttl: Duration::from_secs(24 * 3600),
+            relays: None,
         };
         std::fs::create_dir_all(root.join("logs"))?;
         for spec in specs {
@@ -338,6 +342,37 @@ impl Harness {
         let mut h = Self::new(bin, root, specs)?;
         h.namespaces = Some(namespaces);
         Ok(h)
+    }
+
+    /// Puts `delay` on every path between clusters of different regions,
+    /// each way (gateways' QUIC and controllers' federation), through
+    /// relays on the bridge. Call before starting; partitions do not
+    /// apply to relayed paths.
+    pub async fn region_delay(&mut self, delay: Duration) -> anyhow::Result<()> {
+        let ns = self
+            .namespaces
+            .as_ref()
+            .context("region_delay needs the network-namespace tier")?;
+        let bridge = Ipv4Addr::new(netns::PREFIX[0], netns::PREFIX[1], 0, 1);
+        let mut relays = delay::Relays::default();
+        for b in &self.clusters {
+            let gw = SocketAddr::from((b.spec.gateway_ip(), 15443));
+            let ctl = SocketAddr::from((b.spec.controller_ip(), 15012));
+            let u = relays.udp(SocketAddr::from((bridge, 0)), gw, delay).await?;
+            let t = relays
+                .tcp(SocketAddr::from((bridge, 0)), ctl, delay)
+                .await?;
+            for a in self
+                .clusters
+                .iter()
+                .filter(|a| a.spec.region != b.spec.region)
+            {
+                ns.dnat(&a.spec.name, "udp", gw, u)?;
+                ns.dnat(&a.spec.name, "tcp", ctl, t)?;
+            }
+        }
+        self.relays = Some(relays);
+        Ok(())
     }
 
     /// Drops every packet between clusters `a` and `b` (iptables inside

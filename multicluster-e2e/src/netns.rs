@@ -117,6 +117,39 @@ impl Namespaces {
         ])
     }
 
+    /// Inside `cluster`'s namespace, sends new `proto` flows addressed to
+    /// `dest` to `to` instead (the delay relays).
+    pub fn dnat(
+        &self,
+        cluster: &str,
+        proto: &str,
+        dest: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+    ) -> anyhow::Result<()> {
+        let ns = self.of(cluster);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            proto,
+            "-d",
+            &dest.ip().to_string(),
+            "--dport",
+            &dest.port().to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to.to_string(),
+        ])
+    }
+
     /// Drops every packet between `a` and `b` (rules inside `a`).
     pub fn partition(&self, a: &str, b: &ClusterSpec) -> anyhow::Result<()> {
         self.iptables(a, "-I", b)

@@ -975,13 +975,20 @@ async fn transparent_mode_routes_connections_redirected_by_iptables() {
         .unwrap()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    let has_iptables = std::process::Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
+    let has_iptables = std::process::Command::new("iptables")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !(root && has_iptables) {
         if std::env::var_os("ISTHMUS_SKIP_NETNS").is_some() {
-            eprintln!("SKIPPED transparent mode: needs root and iptables (ISTHMUS_SKIP_NETNS is set)");
+            eprintln!(
+                "SKIPPED transparent mode: needs root and iptables (ISTHMUS_SKIP_NETNS is set)"
+            );
             return;
         }
-        panic!("transparent mode test needs root and iptables; run as root, or set ISTHMUS_SKIP_NETNS=1 to skip it");
+        panic!(
+            "transparent mode test needs root and iptables; run as root, or set ISTHMUS_SKIP_NETNS=1 to skip it"
+        );
     }
     let one = One::new().await;
     let east = one._mesh.get("east");
@@ -1003,16 +1010,37 @@ async fn transparent_mode_routes_connections_redirected_by_iptables() {
     let port = sidecar.transparent_addr.unwrap().port();
     let dest = format!("127.0.{}.{}", 100 + std::process::id() % 100, 7);
     let args: Vec<String> = [
-        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", &dest, "--dport", "5000", "-j", "REDIRECT", "--to-ports", &port.to_string(),
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        &dest,
+        "--dport",
+        "5000",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &port.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    assert!(std::process::Command::new("iptables").args(&args).status().unwrap().success());
+    assert!(
+        std::process::Command::new("iptables")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success()
+    );
     let _rule = Rule(args);
     // The app dials the service's address as if it were a ClusterIP; the
     // sidecar reads the original destination and routes by Host.
-    let mut s = tokio::net::TcpStream::connect(format!("{dest}:5000")).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(format!("{dest}:5000"))
+        .await
+        .unwrap();
     s.write_all(b"GET /transparent HTTP/1.1\r\nHost: helloworld\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
