@@ -194,6 +194,10 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
     http.set_connect_timeout(Some(Duration::from_secs(2)));
     let app = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
+        .build(http.clone());
+    let app_h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(Duration::from_secs(60))
         .build(http);
     let ctx = Arc::new(Ctx {
         cluster: config.cluster.name.0.clone(),
@@ -207,6 +211,7 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
         lb: lb::Balancers::new(locality, config.gateway, metrics.clone()),
         mesh: upstream::MeshPool::new(deps.certs.clone(), deps.trust.clone()),
         app,
+        app_h2,
         inbound_tls,
         metrics,
         log,

@@ -123,8 +123,15 @@ pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
     for n in named {
         h.remove(n.as_str());
     }
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+    let trailers = h
+        .get("te")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in HOP_BY_HOP {
         h.remove(n);
+    }
+    if trailers {
+        h.insert("te", HeaderValue::from_static("trailers"));
     }
 }
 
@@ -253,22 +260,34 @@ impl Record {
 /// exchange, in one header): trusted only on mTLS connections.
 pub const PEER_HEADER: &str = "x-isthmus-peer";
 
-pub fn peer_header(cluster: &str, namespace: &str, workload: &str) -> HeaderValue {
+/// `h2`: the app sent the request over HTTP/2 (h2c, gRPC), so the
+/// destination sidecar speaks HTTP/2 to its app too (Istio decides the
+/// same from the port's protocol).
+pub fn peer_header(cluster: &str, namespace: &str, workload: &str, h2: bool) -> HeaderValue {
+    let proto = if h2 { ";proto=h2" } else { "" };
     HeaderValue::from_str(&format!(
-        "cluster={cluster};namespace={namespace};workload={workload}"
+        "cluster={cluster};namespace={namespace};workload={workload}{proto}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("cluster=unknown"))
 }
 
-pub fn parse_peer_header(v: &HeaderValue) -> (Option<String>, Option<String>) {
-    let mut cluster = None;
-    let mut workload = None;
+/// What a peer header says.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerMeta {
+    pub cluster: Option<String>,
+    pub workload: Option<String>,
+    pub h2: bool,
+}
+
+pub fn parse_peer_header(v: &HeaderValue) -> PeerMeta {
+    let mut m = PeerMeta::default();
     for part in v.to_str().unwrap_or("").split(';') {
         match part.split_once('=') {
-            Some(("cluster", c)) => cluster = Some(c.to_owned()),
-            Some(("workload", w)) => workload = Some(w.to_owned()),
+            Some(("cluster", c)) => m.cluster = Some(c.to_owned()),
+            Some(("workload", w)) => m.workload = Some(w.to_owned()),
+            Some(("proto", "h2")) => m.h2 = true,
             _ => {}
         }
     }
-    (cluster, workload)
+    m
 }

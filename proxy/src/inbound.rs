@@ -208,6 +208,9 @@ async fn forward(
         Role::Workload { namespace, .. } => Some(namespace.to_owned()),
         _ => None,
     });
+    // HTTP/2 to the app when the caller's app spoke it (from a sidecar's
+    // metadata) or the plaintext caller speaks it itself.
+    let mut app_h2 = id.is_none() && parts.version == hyper::Version::HTTP_2;
     match id {
         Some(_) => {
             rec.labels.connection_security_policy = "mutual_tls";
@@ -216,11 +219,12 @@ async fn forward(
                 rec.labels.source_workload_namespace = ns.clone();
             }
             if let Some(v) = parts.headers.get(PEER_HEADER) {
-                let (cluster, workload) = parse_peer_header(v);
-                if let Some(c) = cluster {
+                let meta = parse_peer_header(v);
+                app_h2 = meta.h2;
+                if let Some(c) = meta.cluster {
                     rec.labels.source_cluster = c;
                 }
-                if let Some(w) = workload {
+                if let Some(w) = meta.workload {
                     rec.labels.source_workload = w;
                 }
             }
@@ -282,10 +286,15 @@ async fn forward(
         Ok(u) => u,
         Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("bad URI: {e}"), "bad uri"),
     };
-    parts.version = hyper::Version::HTTP_11;
     rec.upstream = Some(ctx.workload.app);
-    match ctx
-        .app
+    let client = if app_h2 {
+        parts.version = hyper::Version::HTTP_2;
+        &ctx.app_h2
+    } else {
+        parts.version = hyper::Version::HTTP_11;
+        &ctx.app
+    };
+    match client
         .request(Request::from_parts(parts, incoming(body)))
         .await
     {

@@ -42,6 +42,8 @@ pub struct Ctx {
     pub mesh: upstream::MeshPool,
     /// HTTP/1.1 client for the local app and passthrough.
     pub app: Client<HttpConnector, upstream::Body>,
+    /// HTTP/2 (h2c) client for the local app, for h2c and gRPC callers.
+    pub app_h2: Client<HttpConnector, upstream::Body>,
     pub inbound_tls: Arc<rustls::ServerConfig>,
     pub metrics: telemetry::Metrics,
     pub log: telemetry::AccessLog,

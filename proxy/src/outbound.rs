@@ -199,12 +199,18 @@ async fn route(
 
     // Upstream request parts: origin path normalized, hop-by-hop gone,
     // peer metadata added.
+    let downstream_h2 = parts.version == hyper::Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(hyper::header::HOST);
     parts.headers.remove(crate::http::PEER_HEADER);
     parts.headers.insert(
         crate::http::PEER_HEADER,
-        peer_header(&ctx.cluster, &ctx.workload.namespace, &ctx.workload.name),
+        peer_header(
+            &ctx.cluster,
+            &ctx.workload.namespace,
+            &ctx.workload.name,
+            downstream_h2,
+        ),
     );
     let pq = match &query {
         Some(q) => format!("{}?{q}", path::encode(&norm)),

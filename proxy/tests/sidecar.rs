@@ -1053,3 +1053,127 @@ async fn transparent_mode_routes_connections_redirected_by_iptables() {
         "end-to-end mTLS with the workload's identity: {out}"
     );
 }
+
+#[tokio::test]
+async fn h2c_and_grpc_cross_two_sidecars_with_trailers() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let one = One::new().await;
+    let east = one._mesh.get("east");
+    // A gRPC-style app: HTTP/2 only (h2c), answers with trailers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let te = req.headers().get("te").cloned();
+                        let path = req.uri().path().to_owned();
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        let body = Full::new(Bytes::from(format!("h2 app got {path}")))
+                            .with_trailers(async move { Some(Ok(trailers)) });
+                        let mut resp = hyper::Response::new(body);
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        if let Some(te) = te {
+                            resp.headers_mut().insert("x-seen-te", te);
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let server = isthmus_proxy::app::build(
+        config(
+            east,
+            "grpc",
+            "grpc",
+            &[("app", "grpc")],
+            "us-east1-a",
+            app_addr,
+            None,
+        ),
+        isthmus_proxy::app::Deps {
+            certs: isthmus_core::testing::leaf(&east.ca, &east.workload_id("grpc"), DAY),
+            trust: one._mesh.trust.clone(),
+            state: one.tx.subscribe(),
+            logs: None,
+            access_log: None,
+        },
+    )
+    .await
+    .unwrap();
+    let inbound = server.inbound_addr;
+    one.publish(|s| {
+        s.local.insert(
+            ServiceKey::new(NS, "grpc"),
+            Arc::new(LocalService {
+                key: ServiceKey::new(NS, "grpc"),
+                ports: vec![ServicePort {
+                    name: "grpc".into(),
+                    port: 7000,
+                    target_port: 7000,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: vec![Endpoint {
+                    address: inbound.ip(),
+                    ports: [("grpc".to_owned(), inbound.port())].into(),
+                    ready: true,
+                    locality: Locality::new("us-east1", "us-east1-a"),
+                    labels: Default::default(),
+                    workload: "grpc-0".into(),
+                }],
+                exported_to: Default::default(),
+            }),
+        );
+    })
+    .await;
+    // An h2c client (prior knowledge), as gRPC clients are.
+    let tcp = tokio::net::TcpStream::connect(one.client.sidecar.outbound_addr)
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = hyper::Request::post("http://grpc.sample.svc.cluster.local:7000/demo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-seen-te"], "trailers");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .expect("trailers cross both sidecars");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "h2 app got /demo.Echo/Say");
+    }
+    let m = scrape(server.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                "request_protocol=\"grpc\"",
+                "response_code=\"200\""
+            ]
+        ),
+        3.0,
+        "{m}"
+    );
+}
