@@ -98,6 +98,11 @@ pub async fn splice(
         }
     };
     let to_quic = up_bytes.load(Ordering::Relaxed);
+    if aborted {
+        // Our direction may have been cut mid-write: say so explicitly
+        // rather than leave the stream to be dropped.
+        let _ = send.reset(ABORTED);
+    }
     if aborted && let Ok(tcp) = tcp_r.reunite(tcp_w) {
         // RST rather than FIN, so the client does not mistake an abort
         // for a clean end of stream.
