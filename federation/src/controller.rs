@@ -364,7 +364,12 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
                         if i.disconnected_since.is_none() && !i.connected {
                             i.disconnected_since = Some(tokio::time::Instant::now());
                         }
-                        i.last_disconnect = Some((std::time::SystemTime::now(), reason.clone()));
+                        let now = std::time::SystemTime::now();
+                        if i.connected {
+                            i.last_dial_error = Some((now, reason.clone()));
+                        } else {
+                            i.last_disconnect = Some((now, reason.clone()));
+                        }
                         reason
                     }
                 }

@@ -55,6 +55,10 @@ pub(crate) struct Inner {
     pub last_full_sync: Option<SystemTime>,
     pub last_event: Option<SystemTime>,
     pub last_disconnect: Option<(SystemTime, String)>,
+    /// A failed dial while a session (the peer's own dial) was up: kept
+    /// apart, so `status` never shows a connected peer with a fresh
+    /// "disconnect".
+    pub last_dial_error: Option<(SystemTime, String)>,
     pub disconnected_since: Option<Instant>,
     pub out_revision: u64,
     pub out_sent: BTreeMap<ServiceKey, Arc<Export>>,
@@ -74,6 +78,9 @@ pub struct PeerStatus {
     pub last_event: Option<String>,
     pub last_disconnect: Option<String>,
     pub last_disconnect_reason: Option<String>,
+    /// `<time> <reason>` of the last failed dial while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dial_error: Option<String>,
     pub exported: usize,
     pub imported: usize,
     /// Revisions sent but not yet acknowledged.
@@ -112,6 +119,10 @@ impl PeerState {
             last_event: i.last_event.map(rfc3339),
             last_disconnect: i.last_disconnect.as_ref().map(|(t, _)| rfc3339(*t)),
             last_disconnect_reason: i.last_disconnect.as_ref().map(|(_, r)| r.clone()),
+            last_dial_error: i
+                .last_dial_error
+                .as_ref()
+                .map(|(t, r)| format!("{} {r}", rfc3339(*t))),
             exported: i.out_sent.len(),
             imported: i.imports.as_ref().map_or(0, |m| m.len()),
             revision_lag: i.out_revision.saturating_sub(i.out_acked),
