@@ -214,6 +214,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let stop = shared.shutdown.clone();
     let server_drain = drain.clone();
+    let accept_drain = drain.clone();
     tokio::spawn(
         async move {
             let served = tonic::transport::Server::builder()
@@ -221,7 +222,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    crate::transport::incoming(listener, server_tls),
+                    crate::transport::incoming(listener, server_tls, Some(accept_drain)),
                     async move { stop.signaled().await },
                 );
             if let Err(e) = server_drain.release_after(served).await {

@@ -83,15 +83,20 @@ impl AsyncWrite for TlsIo {
 
 /// Accepts TCP on `listener`, completes mTLS with `cfg` (ALPN h2 is
 /// added), and yields verified streams. Failed handshakes are logged
-/// with the verifier's reason and dropped.
+/// with the verifier's reason and dropped. The accept task (and so the
+/// listening socket) lives until the stream is dropped; `hold` keeps a
+/// drain open until then, so a restart after `shutdown` can bind the
+/// same port.
 pub fn incoming(
     listener: TcpListener,
     mut cfg: rustls::ServerConfig,
+    hold: Option<isthmus_core::drain::DrainWatcher>,
 ) -> ReceiverStream<Result<TlsIo, std::io::Error>> {
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        let _hold = hold;
         loop {
             let (tcp, addr) = tokio::select! {
                 a = listener.accept() => match a {
