@@ -133,6 +133,16 @@ fn default_outlier() -> OutlierDetection {
     }
 }
 
+/// Istio's locality pattern (`region/zone/subzone`, `*` for any part,
+/// a shorter pattern matching everything below it).
+pub fn locality_matches(pattern: &str, l: &Locality) -> bool {
+    let parts = [l.region.as_str(), l.zone.as_str(), l.subzone.as_str()];
+    pattern
+        .split('/')
+        .zip(parts)
+        .all(|(p, v)| p == "*" || p == v)
+}
+
 /// Balancers for every destination service.
 #[derive(Debug)]
 pub struct Balancers {
@@ -200,7 +210,8 @@ impl Balancers {
                     .get(addr)
                     .is_none_or(|e| e.ejected_until.is_none_or(|t| t <= now))
         };
-        // Local candidates by tier.
+        // Local candidates by tier (and all of them, for `distribute`).
+        let mut all_locals: Vec<Target> = Vec::new();
         let mut best: Option<(u8, Vec<Target>)> = None;
         let mut consider = |tier: u8, t: Target| match &mut best {
             Some((b, list)) if *b == tier => list.push(t),
@@ -214,6 +225,11 @@ impl Balancers {
                 }
                 let addr = e.target(want.port);
                 if usable(&addr) {
+                    all_locals.push(Target::Local {
+                        addr,
+                        workload: e.workload.clone(),
+                        locality: e.locality.clone(),
+                    });
                     consider(
                         self.tier(&e.locality),
                         Target::Local {
@@ -254,6 +270,55 @@ impl Balancers {
                 consider(tier, Target::Remote { gateway: gw });
             }
         }
+        let policy = want.dr.map(|d| d.lb).unwrap_or_default();
+        let choose = |locals: &[&Target]| -> Target {
+            let chosen = match policy {
+                LbPolicy::RoundRobin => {
+                    let i = lb.rr.fetch_add(1, Ordering::Relaxed);
+                    locals[i % locals.len()]
+                }
+                LbPolicy::Random => locals[rand::random_range(0..locals.len())],
+                LbPolicy::LeastRequest => {
+                    // Power of two choices on requests in flight.
+                    let a = locals[rand::random_range(0..locals.len())];
+                    let b = locals[rand::random_range(0..locals.len())];
+                    let load = |t: &Target| eps.get(&t.addr()).map_or(0, |e| e.in_flight);
+                    if load(b) < load(a) { b } else { a }
+                }
+            };
+            chosen.clone()
+        };
+        // `localityLbSetting.distribute` for this caller's locality: the
+        // share of each target locality among this cluster's endpoints
+        // (localities with no usable endpoint drop out, the rest keep
+        // their relative weights).
+        if let Some((_, to)) = want.dr.and_then(|d| d.locality_lb.as_ref()).and_then(|l| {
+            l.distribute
+                .iter()
+                .find(|(from, _)| locality_matches(from, &self.locality))
+        }) {
+            let options: Vec<(u32, Vec<&Target>)> = to
+                .iter()
+                .map(|(pattern, w)| {
+                    let members = all_locals
+                        .iter()
+                        .filter(|t| matches!(t, Target::Local { locality, .. } if locality_matches(pattern, locality)))
+                        .collect::<Vec<_>>();
+                    (*w, members)
+                })
+                .filter(|(w, m)| *w > 0 && !m.is_empty())
+                .collect();
+            let total: u32 = options.iter().map(|(w, _)| w).sum();
+            if total > 0 {
+                let mut x = rand::random_range(0..total);
+                for (w, members) in &options {
+                    if x < *w {
+                        return Ok(choose(members));
+                    }
+                    x -= w;
+                }
+            }
+        }
         let Some((_, candidates)) = best else {
             return Err(NoTarget::NoHealthy);
         };
@@ -270,22 +335,7 @@ impl Balancers {
                 return Ok(remote.clone());
             }
         }
-        let policy = want.dr.map(|d| d.lb).unwrap_or_default();
-        let chosen = match policy {
-            LbPolicy::RoundRobin => {
-                let i = lb.rr.fetch_add(1, Ordering::Relaxed);
-                locals[i % locals.len()]
-            }
-            LbPolicy::Random => locals[rand::random_range(0..locals.len())],
-            LbPolicy::LeastRequest => {
-                // Power of two choices on requests in flight.
-                let a = locals[rand::random_range(0..locals.len())];
-                let b = locals[rand::random_range(0..locals.len())];
-                let load = |t: &Target| eps.get(&t.addr()).map_or(0, |e| e.in_flight);
-                if load(b) < load(a) { b } else { a }
-            }
-        };
-        Ok(chosen.clone())
+        Ok(choose(&locals))
     }
 
     /// Records an attempt's outcome; ejects after enough consecutive

@@ -1177,3 +1177,74 @@ async fn h2c_and_grpc_cross_two_sidecars_with_trailers() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn locality_distribute_splits_by_zone_where_plain_locality_keeps_all_in_zone() {
+    let mesh = Mesh::new();
+    let east = mesh.get("east");
+    let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let t = mesh.trust.clone();
+    let client = workload(
+        east,
+        t.clone(),
+        rx.clone(),
+        "sleep",
+        "v1",
+        "us-east1-a",
+        None,
+    )
+    .await;
+    let a = workload(
+        east,
+        t.clone(),
+        rx.clone(),
+        "helloworld-a",
+        "v1",
+        "us-east1-a",
+        None,
+    )
+    .await;
+    let b = workload(east, t, rx, "helloworld-b", "v2", "us-east1-b", None).await;
+    let sidecars = [&client.sidecar, &a.sidecar, &b.sidecar];
+    let state = |distribute: bool| {
+        let mut s = MeshState::default();
+        s.local.insert(
+            ServiceKey::new(NS, "helloworld"),
+            helloworld(east, &[&a, &b], &[]),
+        );
+        let lb = if distribute {
+            json!({"localityLbSetting": {"distribute": [{"from": "us-east1/us-east1-a/*",
+                "to": {"us-east1/us-east1-a/*": 75, "us-east1/us-east1-b/*": 25}}]}})
+        } else {
+            json!({})
+        };
+        policy(
+            &mut s,
+            "DestinationRule",
+            "helloworld",
+            json!({"host": "helloworld", "trafficPolicy": {"loadBalancer": lb}}),
+        );
+        s
+    };
+    publish(&tx, state(false), &sidecars).await;
+    let mut c = Client::new(client.sidecar.outbound_addr);
+    let answers = many(&mut c, 50, "/", &[]).await;
+    assert_eq!(
+        count(&answers, 200, "v1"),
+        50,
+        "same zone only: {:?}",
+        tally(&answers)
+    );
+
+    publish(&tx, state(true), &sidecars).await;
+    let answers = many(&mut c, 400, "/", &[]).await;
+    let zone_b = count(&answers, 200, "v2");
+    assert_eq!(
+        count(&answers, 200, "v1") + zone_b,
+        400,
+        "{:?}",
+        tally(&answers)
+    );
+    // Binomial(400, 0.25): mean 100, sd 8.7; ±4 sd.
+    assert!((65..=135).contains(&zone_b), "zone b got {zone_b} of 400");
+}
