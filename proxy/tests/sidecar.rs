@@ -1248,3 +1248,21 @@ async fn locality_distribute_splits_by_zone_where_plain_locality_keeps_all_in_zo
     // Binomial(400, 0.25): mean 100, sd 8.7; ±4 sd.
     assert!((65..=135).contains(&zone_b), "zone b got {zone_b} of 400");
 }
+
+#[tokio::test]
+async fn with_no_policy_written_retries_and_ejection_are_on() {
+    // The fixture's DestinationRule has subsets only: no retries, no
+    // outlierDetection written anywhere.
+    let one = One::new().await;
+    one.v2.app.set(Mode::Status(503));
+    let mut c = one.client();
+    let answers = many(&mut c, 60, "/", &[]).await;
+    // Istio's default retries (503) turn every failure into success…
+    assert_eq!(count(&answers, 200, "v1"), 60, "{:?}", tally(&answers));
+    // …and Isthmus's default detection ejects the failing endpoint after
+    // 5 consecutive errors, so it stops being tried.
+    let hits = one.v2.app.hits();
+    assert!(hits >= 5, "v2 tried {hits} times");
+    many(&mut c, 30, "/", &[]).await;
+    assert_eq!(one.v2.app.hits(), hits, "ejected: no more attempts");
+}
