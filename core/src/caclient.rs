@@ -18,6 +18,10 @@ use crate::identity::rotation::{CertificateSigner, SignError, SignFuture};
 pub struct RemoteSigner {
     pub addr: SocketAddr,
     pub token: String,
+    /// TLS to the controller's local port; checks the server is this
+    /// cluster's controller (no client certificate: that is what is being
+    /// asked for).
+    pub tls: rustls::ClientConfig,
 }
 
 impl std::fmt::Debug for RemoteSigner {
@@ -39,11 +43,7 @@ impl CertificateSigner for RemoteSigner {
         let this = self.clone();
         Box::pin(async move {
             let remote = |e: String| SignError::Remote(format!("{}: {e}", this.addr));
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", this.addr))
-                .map_err(|e| remote(e.to_string()))?
-                .connect_timeout(Duration::from_secs(3))
-                .connect()
-                .await
+            let channel = crate::tls::grpc_channel(this.addr.to_string(), this.tls.clone())
                 .map_err(|e| remote(format!("cannot reach the CA service: {e}")))?;
             let mut req = tonic::Request::new(SignRequest {
                 csr_pem: encode("CERTIFICATE REQUEST", csr.as_ref()),

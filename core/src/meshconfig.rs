@@ -415,10 +415,13 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
 
 /// Subscribes to the controller at `addr` until `stop` resolves: publishes
 /// each complete state on `tx` and upserts received trust bundles into
-/// `trust`. Reconnects with backoff (200 ms doubling to 10 s); a
+/// `trust`. The controller's local port is TLS: `tls` checks it is this
+/// cluster's controller (and presents the caller's certificate, if it has
+/// one). Reconnects with backoff (200 ms doubling to 10 s); a
 /// reconnect gets a full state again, applied sync-then-swap.
 pub async fn subscribe_loop(
     addr: SocketAddr,
+    tls: rustls::ClientConfig,
     node: pb::Node,
     tx: watch::Sender<Arc<MeshState>>,
     trust: Arc<TrustStore>,
@@ -428,15 +431,7 @@ pub async fn subscribe_loop(
     let run = async {
         loop {
             let result = async {
-                let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| e.to_string())?
-                    .connect_timeout(Duration::from_secs(3))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(20));
-                let channel = endpoint
-                    .connect()
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
+                let channel = crate::tls::grpc_channel(addr.to_string(), tls.clone())?;
                 let mut client = pb::mesh_config_client::MeshConfigClient::new(channel)
                     .max_decoding_message_size(64 * 1024 * 1024);
                 let resume_version = tx.borrow().version;

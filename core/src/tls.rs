@@ -131,3 +131,36 @@ pub fn client_config(
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg
 }
+
+/// A lazily connecting gRPC channel to `addr` over TLS with `cfg` (ALPN
+/// h2 is set here). The server is checked by `cfg`'s verifier (SPIFFE),
+/// not by DNS name. HTTP/2 keep-alives detect a dead peer on an idle
+/// long-lived stream.
+pub fn grpc_channel(
+    addr: String,
+    mut cfg: ClientConfig,
+) -> Result<tonic::transport::Channel, String> {
+    use std::time::Duration;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("{addr:?} is not a host:port address: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls_pki_types::ServerName::try_from("isthmus-controller")
+                    .expect("static name");
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })),
+    )
+}

@@ -308,6 +308,17 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     };
     let stop = shared.shutdown.clone();
     let local_drain = drain.clone();
+    let local_accept_drain = drain.clone();
+    // The local port is TLS too, with the controller's certificate:
+    // sidecars check they reach their own cluster's controller before
+    // sending a bootstrap token; a client certificate is optional (the CA
+    // call has none yet) and verified in full when presented.
+    let local_tls = isthmus_core::tls::server_config_optional_clients(
+        deps.certs.clone(),
+        deps.trust.clone(),
+        Expect::AnyTrusted,
+        &[b"h2"],
+    );
     tokio::spawn(
         async move {
             let served = tonic::transport::Server::builder()
@@ -316,7 +327,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                 .add_service(config_service)
                 .add_optional_service(ca_service)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(local_listener),
+                    crate::transport::incoming(local_listener, local_tls, Some(local_accept_drain)),
                     async move { stop.signaled().await },
                 );
             if let Err(e) = local_drain.release_after(served).await {

@@ -54,6 +54,20 @@ impl TestCluster {
         self.domain.bundle()
     }
 
+    /// TLS to this cluster's controller's local port, as a sidecar or
+    /// gateway does (`certs`: the caller's certificate, if it has one).
+    pub fn local_tls(
+        &self,
+        certs: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+    ) -> rustls::ClientConfig {
+        isthmus_core::tls::client_config(
+            certs,
+            isthmus_core::identity::TrustStore::with_bundles([self.bundle()]).unwrap(),
+            isthmus_core::identity::verify::Expect::Exactly(self.controller_id()),
+            &[b"h2"],
+        )
+    }
+
     pub fn controller_id(&self) -> SpiffeId {
         SpiffeId::controller(&self.domain.td, &self.name).unwrap()
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use isthmus_core::identity::{SpiffeId, peer_identity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -141,28 +140,7 @@ pub fn incoming(
 /// (hyperium/tonic#1254).
 pub fn channel(
     addr: String,
-    mut cfg: rustls::ClientConfig,
+    cfg: rustls::ClientConfig,
 ) -> Result<tonic::transport::Channel, String> {
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("{addr:?} is not a host:port address: {e}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    Ok(
-        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let connector = connector.clone();
-            let addr = addr.clone();
-            async move {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls_pki_types::ServerName::try_from("isthmus-controller")
-                    .expect("static name");
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        })),
-    )
+    isthmus_core::tls::grpc_channel(addr, cfg)
 }

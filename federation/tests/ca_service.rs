@@ -35,6 +35,7 @@ async fn workloads_get_certificates_only_for_the_identity_their_token_proves() {
     let signer = |token: &str| RemoteSigner {
         addr: e.local_addr,
         token: token.into(),
+        tls: east.local_tls(None),
     };
     let app = SpiffeId::workload(&east.domain.td, "sample", "app").unwrap();
 
@@ -60,6 +61,27 @@ async fn workloads_get_certificates_only_for_the_identity_their_token_proves() {
         )
         .unwrap();
     assert_eq!(id, app);
+
+    // A sidecar that does not find its own cluster's controller at the
+    // address (here it expects west's) sends no token at all.
+    let wrong = RemoteSigner {
+        addr: e.local_addr,
+        token: APP_TOKEN.into(),
+        tls: west.local_tls(None),
+    };
+    let err = RotatingCert::issue(
+        app.clone(),
+        &wrong,
+        Duration::from_secs(3600),
+        provider.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot reach the CA service")
+            || err.to_string().contains("Unavailable"),
+        "{err}"
+    );
 
     // The gateway's token gives the cluster-bound gateway identity.
     let gw = SpiffeId::gateway(&east.domain.td, "east").unwrap();

@@ -59,6 +59,7 @@ async fn a_subscriber_sees_imports_peers_bundles_and_policies_and_then_changes()
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(subscribe_loop(
         e.local_addr,
+        east.local_tls(None),
         node,
         tx,
         trust.clone(),

@@ -537,13 +537,14 @@ impl Harness {
                 format!(
                     "kind: Proxy\n{cluster}\nworkload: {{name: {name}, namespace: {NAMESPACE}, serviceAccount: {app}, app: \"{ip}:8080\", \
                      zone: {zone}, labels: {{app: {app}, version: {v}}}}}\n\
-                     controller: \"{ctl}:15010\"\ntokenFile: {t}\ngateway: \"{gw}:15443\"\naccessLog: false\ncertificateTtl: {ttl}ms\n\
+                     controller: \"{ctl}:15010\"\ntokenFile: {t}\ncaRoot: {root}\ngateway: \"{gw}:15443\"\naccessLog: false\ncertificateTtl: {ttl}ms\n\
                      listen: {{outbound: \"{ip}:15001\", inbound: \"{ip}:15006\"}}\n{a}\n",
                     name = w.spec.name,
                     app = w.spec.app,
                     zone = w.spec.zone,
                     v = w.spec.version,
                     t = yaml_path(&token),
+                    root = d("ca/root-cert.pem"),
                     ttl = self.certificate_ttl.as_millis(),
                     a = admin(ip),
                 ),

@@ -42,6 +42,10 @@ pub struct ProxyConfig {
     pub controller: String,
     /// The bootstrap token for the controller's CA service.
     pub token_file: Option<PathBuf>,
+    /// This cluster's root certificate (PEM), to check the controller
+    /// before sending it the token (Istio mounts it as
+    /// `istio-ca-root-cert`).
+    pub ca_root: Option<PathBuf>,
     /// The local east-west gateway (IP:port, tcp/15443): the remote tier.
     pub gateway: Option<SocketAddr>,
     pub outbound_addr: SocketAddr,
@@ -81,6 +85,7 @@ impl FromConfig for ProxyConfig {
         w.finish();
         let controller = r.required("controller");
         let token_file = r.optional("tokenFile");
+        let ca_root = r.optional("caRoot");
         let gateway = r.optional("gateway");
         let access_log = r.or("accessLog", true);
         let certificate_ttl = r.or("certificateTtl", DEFAULT_CERTIFICATE_TTL);
@@ -95,6 +100,7 @@ impl FromConfig for ProxyConfig {
             workload: workload?,
             controller: controller?,
             token_file,
+            ca_root,
             gateway,
             outbound_addr,
             inbound_addr,

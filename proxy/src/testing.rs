@@ -167,6 +167,7 @@ pub fn config(
         },
         controller: "127.0.0.1:15010".into(),
         token_file: None,
+        ca_root: None,
         gateway,
         outbound_addr: any,
         inbound_addr: any,

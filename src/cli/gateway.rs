@@ -66,7 +66,14 @@ pub fn run(args: GatewayArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
             ..Default::default()
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, node, tx, trust.clone(), async move {
+        let controller_id = SpiffeId::controller(&config.cluster.trust_domain, &config.cluster.name.0)?;
+        let tls = isthmus_core::tls::client_config(
+            Some(cert.clone()),
+            trust.clone(),
+            isthmus_core::identity::verify::Expect::Exactly(controller_id),
+            &[b"h2"],
+        );
+        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, tls, node, tx, trust.clone(), async move {
             let _ = stop_rx.await;
         }));
         let bound = build(config, Deps { certs: cert, trust, state: rx, logs }).await?;

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use isthmus_core::backoff::Backoff;
 use isthmus_core::caclient::RemoteSigner;
-use isthmus_core::identity::{CertificateSigner, RotatingCert, SpiffeId, TrustStore};
+use isthmus_core::identity::{CertificateSigner, RotatingCert, SpiffeId, TrustBundle, TrustStore};
 use isthmus_core::model::MeshState;
 use isthmus_core::telemetry::LogControl;
 use isthmus_proto::config::v1::{Node, node::Kind};
@@ -45,6 +45,15 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
             config.workload.service_account
         );
     };
+    let Some(ca_root) = &config.ca_root else {
+        bail!(
+            "caRoot is required: the sidecar checks the controller against this cluster's root certificate before sending it the token (the CA directory's root-cert.pem)"
+        );
+    };
+    let roots = std::fs::read_to_string(ca_root)
+        .with_context(|| format!("cannot read caRoot {}", ca_root.display()))?;
+    let roots = isthmus_core::identity::pem::certs_from_pem(&roots)
+        .map_err(|e| anyhow::anyhow!("caRoot {}: {e}", ca_root.display()))?;
     let token = std::fs::read_to_string(token_file)
         .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?
         .trim()
@@ -58,7 +67,15 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
         let w = &config.workload;
         let ttl = config.certificate_ttl;
         let id = SpiffeId::workload(&config.cluster.trust_domain, &w.namespace, &w.service_account)?;
-        let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner { addr: controller, token });
+        // This cluster's root until the config stream brings the bundles.
+        let trust = TrustStore::with_bundles([TrustBundle::new(config.cluster.trust_domain.clone(), roots, 0)])?;
+        let controller_id = SpiffeId::controller(&config.cluster.trust_domain, &config.cluster.name.0)?;
+        let expect = isthmus_core::identity::verify::Expect::Exactly(controller_id);
+        let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner {
+            addr: controller,
+            token,
+            tls: isthmus_core::tls::client_config(None, trust.clone(), expect.clone(), &[b"h2"]),
+        });
         // The controller may start after its sidecars: keep asking.
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let cert = loop {
@@ -74,7 +91,6 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
         };
         let _renewal = cert.spawn_renewal(signer, ttl);
         // Bundles (this cluster's and every peer's) come with the config.
-        let trust = Arc::new(TrustStore::new());
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
         let node = Node {
             kind: Kind::Sidecar as i32,
@@ -84,7 +100,8 @@ pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
             ..Default::default()
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, node, tx, trust.clone(), async move {
+        let tls = isthmus_core::tls::client_config(Some(cert.clone()), trust.clone(), expect, &[b"h2"]);
+        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, tls, node, tx, trust.clone(), async move {
             let _ = stop_rx.await;
         }));
         let bound = build(config, Deps { certs: cert, trust, state: rx, logs, access_log: None }).await?;
