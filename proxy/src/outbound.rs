@@ -315,15 +315,25 @@ async fn route(
                         Outcome::Success
                     },
                 );
+                let (mut p, b) = resp.into_parts();
+                strip_hop_by_hop(&mut p.headers);
+                let resp = Response::from_parts(p, incoming(b));
                 if more && retry_status(&retries, status) {
                     debug!(status = %status, upstream = %target.addr(), "retrying");
                     tried.push(target.addr());
+                    // If no other target is left, this answer is the one
+                    // the caller gets.
+                    last_error = Some(resp);
                     backoff(attempt).await;
                     continue;
                 }
-                let (mut p, b) = resp.into_parts();
-                strip_hop_by_hop(&mut p.headers);
-                return Response::from_parts(p, incoming(b));
+                // An earlier failed attempt's flag does not describe
+                // the answer that came back.
+                if rec.labels.response_flags != flags::FAULT_DELAY {
+                    rec.labels.response_flags = flags::NONE;
+                    rec.reason = None;
+                }
+                return resp;
             }
             Err(f) => {
                 ctx.lb.record(
