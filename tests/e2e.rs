@@ -282,6 +282,12 @@ fn the_demo_comes_up_prints_ready_and_survives_its_failover_scenario() {
     );
     assert!(stdout.lines().any(|l| l.starts_with("ready")), "{stdout}");
     assert!(stdout.contains("curl -x http://127.0."), "{stdout}");
+    // A cross-cluster answer right away: v2 runs only in west.
+    assert!(
+        stdout.contains("with x-subset: v2 → helloworld v2 from west")
+            && stdout.contains("caller spiffe://east.local/ns/sample/sa/sleep"),
+        "{stdout}"
+    );
     assert!(stdout.contains("traffic now served by west"), "{stdout}");
     assert!(stdout.contains("traffic now served by eu"), "{stdout}");
     assert!(stdout.contains("failed 0"), "{stdout}");

@@ -43,7 +43,12 @@ impl Client {
     /// GETs `url` through the sidecar. A transport failure is an answer
     /// with status 0 and the error as body (tests count it as failed).
     pub async fn get(&mut self, url: &str) -> Answer {
-        match tokio::time::timeout(Duration::from_secs(10), self.try_get(url)).await {
+        self.get_with(url, &[]).await
+    }
+
+    /// [`Client::get`] with extra headers.
+    pub async fn get_with(&mut self, url: &str, headers: &[(&str, &str)]) -> Answer {
+        match tokio::time::timeout(Duration::from_secs(10), self.try_get(url, headers)).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 self.conn = None;
@@ -59,10 +64,12 @@ impl Client {
         }
     }
 
-    async fn try_get(&mut self, url: &str) -> Result<Answer, String> {
-        let req = Request::get(url)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+    async fn try_get(&mut self, url: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+        let mut b = Request::get(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
         let sender = match &mut self.conn {
             Some(s) if !s.is_closed() => s,
             _ => {

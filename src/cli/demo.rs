@@ -83,7 +83,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 args.dir.join("logs").display()
             )
         })?;
+        let samples = samples(&h).await?;
         print_guide(&h, &args);
+        println!("{samples}");
         println!("ready ({:.1} s)", started.elapsed().as_secs_f64());
         match args.scenario {
             Some(Scenario::Failover) => failover(&mut h).await?,
@@ -106,6 +108,39 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
 }
 
+/// A VirtualService in east sends `x-subset: v2` to subset v2, which only
+/// west runs; the demo makes both calls once and shows the answers.
+const EAST_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: helloworld, namespace: sample}\n\
+spec:\n  hosts: [helloworld]\n  http:\n  - match: [{headers: {x-subset: {exact: v2}}}]\n    route: [{destination: {host: helloworld, subset: v2}}]\n\
+\x20 - route: [{destination: {host: helloworld}}]\n";
+
+async fn samples(h: &Harness) -> anyhow::Result<String> {
+    h.apply("east", "helloworld-virtualservice.yaml", EAST_VS)?;
+    let mut c = Client::new(h.cluster("east").client().outbound());
+    let local = c.get(URL).await;
+    // The VirtualService reaches the sidecar within a config update.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let remote = loop {
+        let a = c.get_with(URL, &[("x-subset", "v2")]).await;
+        if a.cluster() == Some("west") || Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if remote.cluster() != Some("west") {
+        bail!(
+            "the cross-cluster sample call did not reach west: {} {}",
+            remote.status,
+            remote.body.trim()
+        );
+    }
+    Ok(format!(
+        "from east's client:\n  {}\n  with x-subset: v2 → {}",
+        local.body.trim(),
+        remote.body.trim()
+    ))
+}
+
 fn print_guide(h: &Harness, args: &DemoArgs) {
     let east = h.cluster("east");
     let client = east.client().outbound();
@@ -124,6 +159,7 @@ fn print_guide(h: &Harness, args: &DemoArgs) {
     println!(
         "\ncall helloworld from east's client sidecar (curl -x speaks to it as a forward proxy):\n\
          \x20 curl -x http://{client} {URL}\n\
+         \x20 curl -x http://{client} -H 'x-subset: v2' {URL}   # v2 runs only in west: crosses clusters\n\
          \x20 curl -x http://{client} http://helloworld.sample.svc.clusterset.local:5000/hello\n\
          see what east's controller knows of its peers:\n\
          \x20 {me} status --controller {}\n\
