@@ -15,7 +15,6 @@
 //! message; otherwise both sides store each other's trust bundle and from
 //! then on federate over mTLS like statically configured peers.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -186,47 +185,63 @@ pub struct IssuedToken {
 /// The issued tokens of one controller, in `<stateDir>/link-tokens.json`.
 #[derive(Debug, Clone)]
 pub struct TokenStore {
-    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl TokenStore {
+    /// Tokens live one per file under `<stateDir>/link-tokens/`, so
+    /// `isthmus link create` adding one never races the running
+    /// controller marking another used (one shared file lost updates:
+    /// a token created while another was redeemed could vanish).
     pub fn new(state_dir: &Path) -> Self {
         Self {
-            path: state_dir.join("link-tokens.json"),
+            dir: state_dir.join("link-tokens"),
         }
     }
 
-    fn load(&self) -> BTreeMap<String, IssuedToken> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    fn path(&self, token_id: &str) -> Option<PathBuf> {
+        (!token_id.is_empty() && token_id.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .then(|| self.dir.join(format!("{token_id}.json")))
     }
 
-    fn save(&self, tokens: &BTreeMap<String, IssuedToken>) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let data = serde_json::to_vec_pretty(tokens).map_err(std::io::Error::other)?;
-        isthmus_core::identity::write_atomic(&self.path, &data, true)
+    fn load(&self, token_id: &str) -> Option<IssuedToken> {
+        let bytes = std::fs::read(self.path(token_id)?).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn save(&self, token_id: &str, token: &IssuedToken) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self
+            .path(token_id)
+            .ok_or_else(|| std::io::Error::other("invalid token id"))?;
+        let data = serde_json::to_vec_pretty(token).map_err(std::io::Error::other)?;
+        isthmus_core::identity::write_atomic(&path, &data, true)
     }
 
     /// Records a newly created token.
     pub fn add(&self, token: &Token) -> std::io::Result<()> {
-        let mut all = self.load();
         // Forget tokens that expired a day ago or more.
         let now = now_unix();
-        all.retain(|_, t| t.expires + 86_400 > now);
-        all.insert(
-            token.payload.token_id.clone(),
-            IssuedToken {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let old = std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<IssuedToken>(&b).ok())
+                    .is_some_and(|t| t.expires + 86_400 <= now);
+                if old {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.save(
+            &token.payload.token_id,
+            &IssuedToken {
                 encoded: token.encoded.clone(),
                 secret: token.payload.secret.clone(),
                 expires: token.payload.expires,
                 used_by: None,
             },
-        );
-        self.save(&all)
+        )
     }
 
     /// Checks a Link request and marks the token used. `presented` is the
@@ -238,8 +253,7 @@ impl TokenStore {
         joining_cluster: &str,
         proof: &[u8],
     ) -> Result<(), TokenError> {
-        let mut all = self.load();
-        let Some(t) = all.get_mut(token_id) else {
+        let Some(mut t) = self.load(token_id) else {
             return Err(TokenError::Unknown(token_id.to_owned()));
         };
         if presented != t.encoded
@@ -251,14 +265,21 @@ impl TokenStore {
         {
             return Err(TokenError::Tampered);
         }
-        if let Some(by) = &t.used_by {
-            return Err(TokenError::Reused(by.clone()));
-        }
         if now_unix() >= t.expires {
             return Err(TokenError::Expired(rfc3339(t.expires)));
         }
+        if let Some(by) = &t.used_by {
+            // The same cluster again (its proof binds its name): its first
+            // attempt went through but the answer was lost, so it
+            // retries. Answer again rather than strand the link; anyone
+            // else is refused.
+            if by == joining_cluster {
+                return Ok(());
+            }
+            return Err(TokenError::Reused(by.clone()));
+        }
         t.used_by = Some(joining_cluster.to_owned());
-        self.save(&all)
+        self.save(token_id, &t)
             .map_err(|_| TokenError::Unknown(token_id.to_owned()))
     }
 }
@@ -375,8 +396,13 @@ mod tests {
         store
             .redeem(id, &t.encoded, "west", &t.proof("west"))
             .unwrap();
+        // West retrying (its answer was lost) is answered again…
+        store
+            .redeem(id, &t.encoded, "west", &t.proof("west"))
+            .unwrap();
+        // …anyone else is refused.
         assert_eq!(
-            store.redeem(id, &t.encoded, "west", &t.proof("west")),
+            store.redeem(id, &t.encoded, "eu", &t.proof("eu")),
             Err(TokenError::Reused("west".into()))
         );
         let old = token(Duration::ZERO);

@@ -83,9 +83,9 @@ impl AsyncWrite for TlsIo {
 /// Accepts TCP on `listener`, completes mTLS with `cfg` (ALPN h2 is
 /// added), and yields verified streams. Failed handshakes are logged
 /// with the verifier's reason and dropped. The accept task (and so the
-/// listening socket) lives until the stream is dropped; `hold` keeps a
-/// drain open until then, so a restart after `shutdown` can bind the
-/// same port.
+/// listening socket) ends when the stream is dropped or, with `hold`,
+/// when a drain starts; `hold` keeps the drain open until the socket is
+/// closed, so a restart after `shutdown` can bind the same port.
 pub fn incoming(
     listener: TcpListener,
     mut cfg: rustls::ServerConfig,
@@ -95,7 +95,13 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let _hold = hold;
+        let draining = async {
+            match &hold {
+                Some(h) => h.signaled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(draining);
         loop {
             let (tcp, addr) = tokio::select! {
                 a = listener.accept() => match a {
@@ -107,6 +113,9 @@ pub fn incoming(
                     }
                 },
                 _ = tx.closed() => return,
+                // A drain stops accepting at once (the port is free for a
+                // restart) while open connections finish.
+                _ = &mut draining => return,
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
