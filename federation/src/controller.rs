@@ -360,7 +360,12 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
                             s.message()
                         );
                         let mut i = peer.lock();
-                        i.flaps = (i.flaps + 1).min(8);
+                        // A peer that cannot be reached backs off to 3.2 s
+                        // at most: the long damping is for sessions that
+                        // connect and drop. (A link's first dials fail
+                        // until the joining side has recorded our bundle;
+                        // a 25 s back-off then delayed the whole link.)
+                        i.flaps = (i.flaps + 1).min(5);
                         if i.disconnected_since.is_none() && !i.connected {
                             i.disconnected_since = Some(tokio::time::Instant::now());
                         }
