@@ -142,48 +142,7 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
         None => None,
     };
 
-    // Follow the mesh state: rebuild the route table on each change.
     let (table_tx, table_rx) = watch::channel(Arc::new(Table::new(deps.state.borrow().clone())));
-    let mut state = deps.state.clone();
-    let follow_drain = drain.signal();
-    let (ctx_tx, ctx_rx) = tokio::sync::oneshot::channel::<Arc<Ctx>>();
-    let gateway = config.gateway;
-    tokio::spawn(
-        async move {
-            let mut first = Some(first_config);
-            let mut ctx_rx = Some(ctx_rx);
-            let mut ctx: Option<Arc<Ctx>> = None;
-            let mut imported = None;
-            loop {
-                let s = state.borrow_and_update().clone();
-                let version = s.version;
-                if ctx.is_none()
-                    && let Some(rx) = ctx_rx.take()
-                {
-                    ctx = rx.await.ok();
-                }
-                // Remote clusters changed (one came back, one left):
-                // connections through the gateway are renewed so it can
-                // choose again (failback in one config update, not after
-                // REMOTE_MAX_AGE).
-                if imported.as_ref().is_some_and(|i| *i != s.imported)
-                    && let (Some(ctx), Some(gw)) = (&ctx, gateway)
-                {
-                    ctx.mesh.clear_addr(gw);
-                }
-                imported = Some(s.imported.clone());
-                table_tx.send_replace(Arc::new(Table::new(s)));
-                if version > 0 && first.take().is_some() {
-                    info!(version, "first mesh config applied; ready");
-                }
-                tokio::select! {
-                    changed = state.changed() => if changed.is_err() { break },
-                    _ = follow_drain.signaled() => break,
-                }
-            }
-        }
-        .instrument(info_span!("state")),
-    );
 
     let mut locality = config.cluster.locality.clone();
     if !w.zone.is_empty() {
@@ -218,7 +177,41 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
         drain: drain.signal(),
     });
 
-    let _ = ctx_tx.send(ctx.clone());
+    // Follow the mesh state: rebuild the route table on each change.
+    let mut state = deps.state.clone();
+    let follow_drain = drain.signal();
+    let follow_ctx = ctx.clone();
+    let gateway = config.gateway;
+    tokio::spawn(
+        async move {
+            let mut first = Some(first_config);
+            let mut imported = None;
+            loop {
+                let s = state.borrow_and_update().clone();
+                let version = s.version;
+                // Remote clusters changed (one came back, one left):
+                // connections through the gateway are renewed so it can
+                // choose again (failback in one config update, not after
+                // REMOTE_MAX_AGE).
+                if imported.as_ref().is_some_and(|i| *i != s.imported)
+                    && let Some(gw) = gateway
+                {
+                    follow_ctx.mesh.clear_addr(gw);
+                }
+                imported = Some(s.imported.clone());
+                table_tx.send_replace(Arc::new(Table::new(s)));
+                if version > 0 && first.take().is_some() {
+                    info!(version, "first mesh config applied; ready");
+                }
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { break },
+                    _ = follow_drain.signaled() => break,
+                }
+            }
+        }
+        .instrument(info_span!("state")),
+    );
+
     let servers = admin::start_servers(
         "proxy",
         &config.admin,

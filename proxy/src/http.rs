@@ -98,6 +98,20 @@ pub fn local_reply(status: StatusCode, body: &str, reason: &str) -> Response<Bod
     r
 }
 
+/// The normalized path of a request, or the 400 that refuses it (both
+/// listeners use this, so routing and authorization see one path).
+pub fn normalized_path(path: &str, rec: &mut Record) -> Result<String, Box<Response<Body>>> {
+    crate::path::normalize(path).map_err(|e| {
+        rec.labels.response_flags = crate::telemetry::flags::BAD_REQUEST;
+        let reply = local_reply(
+            StatusCode::BAD_REQUEST,
+            &format!("bad path: {e}"),
+            "bad path",
+        );
+        Box::new(reply)
+    })
+}
+
 /// Hop-by-hop headers never forwarded (and forbidden in HTTP/2).
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",

@@ -233,16 +233,9 @@ async fn forward(
     }
     parts.headers.remove(PEER_HEADER);
 
-    let norm = match path::normalize(parts.uri.path()) {
+    let norm = match crate::http::normalized_path(parts.uri.path(), rec) {
         Ok(p) => p,
-        Err(e) => {
-            rec.labels.response_flags = flags::BAD_REQUEST;
-            return local_reply(
-                StatusCode::BAD_REQUEST,
-                &format!("bad path: {e}"),
-                "bad path",
-            );
-        }
+        Err(resp) => return *resp,
     };
     let state = ctx.table.borrow().state.clone();
     let facts = RequestFacts {

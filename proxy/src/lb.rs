@@ -225,19 +225,13 @@ impl Balancers {
                 }
                 let addr = e.target(want.port);
                 if usable(&addr) {
-                    all_locals.push(Target::Local {
+                    let t = Target::Local {
                         addr,
                         workload: e.workload.clone(),
                         locality: e.locality.clone(),
-                    });
-                    consider(
-                        self.tier(&e.locality),
-                        Target::Local {
-                            addr,
-                            workload: e.workload.clone(),
-                            locality: e.locality.clone(),
-                        },
-                    );
+                    };
+                    all_locals.push(t.clone());
+                    consider(self.tier(&e.locality), t);
                 }
             }
         }

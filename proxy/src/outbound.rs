@@ -105,8 +105,7 @@ async fn route(
         }
     };
     rec.request_id = id;
-    let req_like = Request::from_parts(parts.clone(), ());
-    let Some(authority) = authority_of_parts(&req_like, original) else {
+    let Some(authority) = authority_of(&parts, original) else {
         rec.labels.response_flags = flags::BAD_REQUEST;
         return local_reply(
             StatusCode::BAD_REQUEST,
@@ -115,18 +114,10 @@ async fn route(
         );
     };
     rec.authority = authority.clone();
-    let raw_path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
-    let norm = match path::normalize(&raw_path) {
+    let norm = match crate::http::normalized_path(parts.uri.path(), rec) {
         Ok(p) => p,
-        Err(e) => {
-            rec.labels.response_flags = flags::BAD_REQUEST;
-            return local_reply(
-                StatusCode::BAD_REQUEST,
-                &format!("bad path: {e}"),
-                "bad path",
-            );
-        }
+        Err(resp) => return *resp,
     };
     let table = ctx.table.borrow().clone();
     let decision = match table.route(
@@ -278,7 +269,7 @@ async fn route(
         };
         rec.attempts = attempt + 1;
         rec.upstream = Some(target.addr());
-        describe_target(rec, &target, ctx, &dest);
+        describe_target(rec, &target, ctx);
         let body = match (&buffered, streaming.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(s)) => s,
@@ -399,18 +390,23 @@ async fn route(
     })
 }
 
-fn authority_of_parts(req: &Request<()>, original: Option<SocketAddr>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
+/// The request's host[:port]: absolute-form URI, else Host (with the
+/// original destination's port in transparent mode).
+fn authority_of(
+    parts: &hyper::http::request::Parts,
+    original: Option<SocketAddr>,
+) -> Option<String> {
+    if let Some(a) = parts.uri.authority() {
         return Some(a.as_str().to_owned());
     }
-    let host = req.headers().get(hyper::header::HOST)?.to_str().ok()?;
+    let host = parts.headers.get(hyper::header::HOST)?.to_str().ok()?;
     match original {
         Some(o) if !host.contains(':') => Some(format!("{host}:{}", o.port())),
         _ => Some(host.to_owned()),
     }
 }
 
-fn describe_target(rec: &mut Record, t: &Target, ctx: &Ctx, _dest: &Dest) {
+fn describe_target(rec: &mut Record, t: &Target, ctx: &Ctx) {
     match t {
         Target::Local { workload, .. } => {
             rec.labels.destination_workload = workload.clone();
