@@ -15,11 +15,7 @@ fn isthmus(args: &[&str]) -> std::process::Output {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    isthmus_federation::testing::unused_port()
 }
 
 struct Proc(Child);

@@ -32,11 +32,7 @@ fn ok(args: &[&str]) {
 }
 
 fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    isthmus_federation::testing::unused_port()
 }
 
 struct Proc(Child);

@@ -132,6 +132,13 @@ pub fn client_config(
     cfg
 }
 
+/// HTTP/2 receive windows of the control-plane gRPC streams (federation,
+/// config stream), both ends: large enough that a big snapshot is not
+/// paced by window updates, and still a bound on what one peer can make
+/// this process buffer.
+pub const GRPC_STREAM_WINDOW: u32 = 4 << 20;
+pub const GRPC_CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// A lazily connecting gRPC channel to `addr` over TLS with `cfg` (ALPN
 /// h2 is set here). The server is checked by `cfg`'s verifier (SPIFFE),
 /// not by DNS name. HTTP/2 keep-alives detect a dead peer on an idle
@@ -148,7 +155,11 @@ pub fn grpc_channel(
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        // A 10,000-service snapshot is ~1 MB: with HTTP/2's 64 KiB default
+        // window it crawls in round trips when the receiver is busy.
+        .initial_stream_window_size(GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(GRPC_CONNECTION_WINDOW);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
             let connector = connector.clone();

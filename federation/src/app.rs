@@ -220,6 +220,8 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             let served = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .initial_stream_window_size(Some(isthmus_core::tls::GRPC_STREAM_WINDOW))
+                .initial_connection_window_size(Some(isthmus_core::tls::GRPC_CONNECTION_WINDOW))
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     crate::transport::incoming(listener, server_tls, Some(accept_drain)),
@@ -270,7 +272,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         if let Some((locality, exports)) = seeded.remove(&state.name) {
             let mut i = state.lock();
             i.locality = locality;
-            i.imports = Some(exports);
+            i.imports = Some(Arc::new(exports));
             // Not stale yet: like any disconnected peer, it becomes stale
             // only if it does not reconnect within two heartbeats, so a
             // quick restart rewrites nothing.
@@ -324,6 +326,8 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             let served = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .initial_stream_window_size(Some(isthmus_core::tls::GRPC_STREAM_WINDOW))
+                .initial_connection_window_size(Some(isthmus_core::tls::GRPC_CONNECTION_WINDOW))
                 .add_service(config_service)
                 .add_optional_service(ca_service)
                 .serve_with_incoming_shutdown(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use isthmus_core::drain::DrainSignal;
 use isthmus_core::identity::{Role, SpiffeId, TrustBundle, TrustDomain, TrustStore};
-use isthmus_core::model::{Locality, MeshState, PeerGateway};
+use isthmus_core::model::{ImportedService, Locality, MeshState, PeerGateway, ServiceKey};
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederation;
 use isthmus_proto::federation::v1::{LinkRequest, LinkResponse, PeerMessage};
@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::import::{Conflict, FilesSink, PeerCatalog, merge, service_entry};
+use crate::import::{Conflict, FilesSink, PeerCatalog, merge, service_entry, service_entry_name};
 use crate::link::{PeerFile, Token, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus, session};
 use crate::transport::{self, PeerInfo};
@@ -411,8 +411,9 @@ pub async fn reconcile_loop(
     gateway: SocketAddr,
     mesh: watch::Sender<Arc<MeshState>>,
 ) {
+    let (to_sink, from_reconcile) = watch::channel(None);
+    tokio::spawn(sink_loop(shared.clone(), sink, gateway, from_reconcile).in_current_span());
     let mut catalog = shared.catalog.clone();
-    let mut last_entries: Option<Vec<serde_json::Value>> = None;
     let mut version = 0u64;
     let tick = (shared.heartbeat / 2).max(Duration::from_millis(20));
     let started = tokio::time::Instant::now();
@@ -454,7 +455,7 @@ pub async fn reconcile_loop(
                         cluster: p.name.clone(),
                         locality: i.locality.clone(),
                         stale: i.stale,
-                        exports: i.imports.clone()?,
+                        exports: Arc::clone(i.imports.as_ref()?),
                     })
                 })
                 .collect();
@@ -472,12 +473,7 @@ pub async fn reconcile_loop(
             let write = cat.listed && initial_sync_done;
             // Merging, rendering and writing files is blocking work at 10,000
             // services: off the runtime's workers.
-            let (cluster, exports, sink2, last) = (
-                shared.cluster.clone(),
-                cat.exports.clone(),
-                sink.clone(),
-                last_entries.take(),
-            );
+            let (cluster, exports) = (shared.cluster.clone(), cat.exports.clone());
             let peers_for_merge = peers;
             let Ok(imports) =
                 tokio::task::spawn_blocking(move || merge((&cluster, &exports), &peers_for_merge))
@@ -559,44 +555,11 @@ pub async fn reconcile_loop(
                 version += 1;
                 mesh.send_replace(Arc::new(MeshState { version, ..next }));
             }
-            // Files last: the mesh state above (what the config stream
-            // serves) never waits for disk.
-            let services = imports.services.clone();
-            let Ok((outcome, last)) = tokio::task::spawn_blocking(move || {
-                let entries: Vec<serde_json::Value> = services
-                    .values()
-                    .map(|s| service_entry(s, gateway))
-                    .collect();
-                if !write || last.as_ref() == Some(&entries) {
-                    return (None, last);
-                }
-                let outcome = sink2.apply(&entries);
-                let last = if outcome.is_ok() { Some(entries) } else { last };
-                (Some(outcome), last)
-            })
-            .await
-            else {
-                return;
-            };
-            last_entries = last;
-            match outcome {
-                Some(Ok(r)) => {
-                    if !r.written.is_empty() || !r.deleted.is_empty() {
-                        info!(
-                            written = r.written.len(),
-                            deleted = r.deleted.len(),
-                            "ServiceEntries updated"
-                        );
-                    }
-                    shared
-                        .metrics
-                        .apply_latency
-                        .observe(woke.elapsed().as_secs_f64());
-                }
-                Some(Err(e)) => {
-                    warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; will retry (check the directory is writable)")
-                }
-                None => {}
+            // Files follow in their own task: the mesh state above (what
+            // the config stream serves) and the next merge never wait for
+            // disk, and a slow disk coalesces to the newest state.
+            if write {
+                to_sink.send_replace(Some((woke, Arc::new(imports.services))));
             }
         }
         tokio::select! {
@@ -613,6 +576,88 @@ pub async fn reconcile_loop(
         // Coalesce a burst (several peers syncing at once) into one pass;
         // short enough not to show in propagation latency.
         tokio::time::sleep(COALESCE).await;
+    }
+}
+
+/// The imported services to write, and when the change that produced
+/// them was picked up.
+type SinkInput = Option<(
+    tokio::time::Instant,
+    Arc<BTreeMap<ServiceKey, Arc<ImportedService>>>,
+)>;
+
+/// Writes the ServiceEntries of the newest merged state. A pass renders
+/// and writes only the services that differ from what the files hold;
+/// the first pass (and the one after a failed write) compares every file
+/// with the disk instead.
+async fn sink_loop(
+    shared: Arc<Shared>,
+    sink: Arc<FilesSink>,
+    gateway: SocketAddr,
+    mut input: watch::Receiver<SinkInput>,
+) {
+    let mut written: Option<Arc<BTreeMap<ServiceKey, Arc<ImportedService>>>> = None;
+    loop {
+        tokio::select! {
+            r = input.changed() => if r.is_err() { return },
+            _ = shared.shutdown.signaled() => return,
+        }
+        let Some((since, services)) = input.borrow_and_update().clone() else {
+            continue;
+        };
+        let (sink2, last) = (sink.clone(), written.take());
+        let pass = services.clone();
+        let Ok(outcome) = tokio::task::spawn_blocking(move || match &last {
+            None => {
+                let entries: Vec<serde_json::Value> =
+                    pass.values().map(|s| service_entry(s, gateway)).collect();
+                Some(sink2.apply(&entries))
+            }
+            Some(prev) => {
+                let upserts: Vec<serde_json::Value> = pass
+                    .iter()
+                    .filter(|(k, s)| prev.get(*k) != Some(*s))
+                    .map(|(_, s)| service_entry(s, gateway))
+                    .collect();
+                let removed: Vec<(String, String)> = prev
+                    .keys()
+                    .filter(|k| !pass.contains_key(*k))
+                    .map(|k| (k.namespace.clone(), service_entry_name(k)))
+                    .collect();
+                (!upserts.is_empty() || !removed.is_empty())
+                    .then(|| sink2.update(&upserts, &removed))
+            }
+        })
+        .await
+        else {
+            return;
+        };
+        match outcome {
+            None => written = Some(services),
+            Some(Ok(r)) => {
+                written = Some(services);
+                if !r.written.is_empty() || !r.deleted.is_empty() {
+                    info!(
+                        written = r.written.len(),
+                        deleted = r.deleted.len(),
+                        "ServiceEntries updated"
+                    );
+                }
+                shared
+                    .metrics
+                    .apply_latency
+                    .observe(since.elapsed().as_secs_f64());
+            }
+            Some(Err(e)) => {
+                warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; retrying in 1 s (check the directory is writable and the disk has space)");
+                // Retry the same state (unless a newer one arrives).
+                input.mark_changed();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shared.shutdown.signaled() => return,
+                }
+            }
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub struct PeerCatalog {
     pub locality: Locality,
     /// Its control plane is unreachable: entries kept, marked stale.
     pub stale: bool,
-    pub exports: BTreeMap<ServiceKey, Arc<Export>>,
+    pub exports: Arc<BTreeMap<ServiceKey, Arc<Export>>>,
 }
 
 /// A conflict between two clusters' exports of one service.
@@ -68,7 +68,7 @@ pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCat
         by_service.entry(k).or_default().push((local.0, e, None));
     }
     for p in peers {
-        for (k, e) in &p.exports {
+        for (k, e) in p.exports.iter() {
             by_service
                 .entry(k)
                 .or_default()
@@ -128,6 +128,11 @@ pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCat
 /// host `<name>.<ns>.svc.clusterset.local`, one endpoint per exporting
 /// cluster at the local gateway, with that cluster's locality and its
 /// healthy endpoint count as weight.
+pub fn service_entry_name(key: &ServiceKey) -> String {
+    format!("{}-clusterset", key.name)
+}
+
+/// The ServiceEntry for one imported service (see [`service_entry_name`]):
 pub fn service_entry(svc: &ImportedService, gateway: SocketAddr) -> serde_json::Value {
     let ports: Vec<_> = svc
         .ports
@@ -174,7 +179,7 @@ pub fn service_entry(svc: &ImportedService, gateway: SocketAddr) -> serde_json::
         "apiVersion": "networking.istio.io/v1",
         "kind": "ServiceEntry",
         "metadata": {
-            "name": format!("{}-clusterset", svc.key.name),
+            "name": service_entry_name(&svc.key),
             "namespace": svc.key.namespace,
             "labels": {
                 MANAGED_BY.0: MANAGED_BY.1,
@@ -234,13 +239,7 @@ impl FilesSink {
         let mut wanted = BTreeSet::new();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         for e in entries {
-            let ns = e["metadata"]["namespace"].as_str().unwrap_or("default");
-            let name = e["metadata"]["name"].as_str().unwrap_or("unnamed");
-            let file = format!("{ns}.{name}.yaml");
-            let text = format!(
-                "# Written by Isthmus; edits are overwritten. Delete the ServiceExport in the\n# exporting cluster to withdraw it.\n{}",
-                serde_saphyr::to_string(e).map_err(std::io::Error::other)?
-            );
+            let (file, text) = render(e)?;
             let path = self.dir.join(&file);
             wanted.insert(file.clone());
             let same = match written.get(&file) {
@@ -273,6 +272,59 @@ impl FilesSink {
         }
         Ok(report)
     }
+
+    /// The incremental pass after a full [`apply`](Self::apply): writes
+    /// `upserts` whose text changed and deletes the entries of `removed`
+    /// (namespace, ServiceEntry name) that this sink wrote. Costs what
+    /// changed, not what exists: one service moving among 10,000 renders
+    /// and writes one file.
+    pub fn update(
+        &self,
+        upserts: &[serde_json::Value],
+        removed: &[(String, String)],
+    ) -> std::io::Result<SinkReport> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut report = SinkReport::default();
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        for e in upserts {
+            let (file, text) = render(e)?;
+            if written.get(&file) == Some(&text) {
+                report.unchanged += 1;
+                continue;
+            }
+            isthmus_core::identity::write_atomic_with(
+                &self.dir.join(&file),
+                text.as_bytes(),
+                false,
+                false,
+            )?;
+            written.insert(file.clone(), text);
+            report.written.push(file);
+        }
+        for (ns, name) in removed {
+            let file = format!("{ns}.{name}.yaml");
+            if written.remove(&file).is_none() {
+                continue;
+            }
+            match std::fs::remove_file(self.dir.join(&file)) {
+                Ok(()) => report.deleted.push(file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// A ServiceEntry's file name and text.
+fn render(e: &serde_json::Value) -> std::io::Result<(String, String)> {
+    let ns = e["metadata"]["namespace"].as_str().unwrap_or("default");
+    let name = e["metadata"]["name"].as_str().unwrap_or("unnamed");
+    let text = format!(
+        "# Written by Isthmus; edits are overwritten. Delete the ServiceExport in the\n# exporting cluster to withdraw it.\n{}",
+        serde_saphyr::to_string(e).map_err(std::io::Error::other)?
+    );
+    Ok((format!("{ns}.{name}.yaml"), text))
 }
 
 /// Reads back the ServiceEntries a previous run wrote, as each exporting

@@ -45,7 +45,9 @@ pub struct PeerState {
 pub(crate) struct Inner {
     /// The peer's exports to us; `None` before the first sync and after
     /// withdrawal.
-    pub imports: Option<BTreeMap<ServiceKey, Arc<Export>>>,
+    /// Shared with the reconciler's passes (copy-on-write: a delta copies
+    /// the map only while a pass still holds the previous one).
+    pub imports: Option<Arc<BTreeMap<ServiceKey, Arc<Export>>>>,
     pub locality: Locality,
     pub gateway: String,
     pub applied: Option<(String, u64)>,
@@ -470,7 +472,15 @@ where
         if peer.lock().session != generation {
             return "replaced by a newer session".into();
         }
+        // Biased: whatever the peer already sent is read before the
+        // heartbeat check, so a runtime that was busy (a burst of large
+        // snapshots) is not mistaken for a silent peer.
         tokio::select! {
+            biased;
+            _ = shared.shutdown.signaled() => {
+                let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
+                return "controller shutting down".into();
+            }
             changed = catalog.changed() => {
                 if changed.is_err() {
                     let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
@@ -483,24 +493,6 @@ where
                 {
                     return e;
                 }
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > hb * 3 {
-                    let _ = tx.send(goodbye(Reason::HeartbeatTimeout, "no message for three heartbeat intervals")).await;
-                    return format!("heartbeat timeout: nothing heard for {:?}", last_heard.elapsed());
-                }
-                heartbeat_seq += 1;
-                let beat = pb::Heartbeat {
-                    sequence: heartbeat_seq,
-                    sent_unix_ms: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
-                };
-                if let Err(e) = send(tx, msg(Message::Heartbeat(beat))).await {
-                    return e;
-                }
-            }
-            _ = shared.shutdown.signaled() => {
-                let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
-                return "controller shutting down".into();
             }
             next = rx.next() => {
                 last_heard = Instant::now();
@@ -522,6 +514,28 @@ where
                 match handle(shared, peer, tx, m).await {
                     Ok(()) => {}
                     Err(reason) => return reason,
+                }
+            }
+            tick = ticker.tick() => {
+                // A tick a whole interval late means this process did not
+                // run (an overloaded node): the silence is ours, not the
+                // peer's, so its clock restarts instead of ending a healthy
+                // session and paying a resync.
+                if tick.elapsed() > hb {
+                    debug!(peer.cluster = %peer.name, late = ?tick.elapsed(), "heartbeat tick late; not counting the stall against the peer");
+                    last_heard = Instant::now();
+                }
+                if last_heard.elapsed() > hb * 3 {
+                    let _ = tx.send(goodbye(Reason::HeartbeatTimeout, "no message for three heartbeat intervals")).await;
+                    return format!("heartbeat timeout: nothing heard for {:?}", last_heard.elapsed());
+                }
+                heartbeat_seq += 1;
+                let beat = pb::Heartbeat {
+                    sequence: heartbeat_seq,
+                    sent_unix_ms: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+                };
+                if let Err(e) = send(tx, msg(Message::Heartbeat(beat))).await {
+                    return e;
                 }
             }
         }
@@ -596,7 +610,7 @@ async fn handle(
             }
             {
                 let mut i = peer.lock();
-                i.imports = Some(next);
+                i.imports = Some(Arc::new(next));
                 i.applied = Some((s.epoch.clone(), s.revision));
                 i.stale = false;
                 i.last_full_sync = Some(SystemTime::now());
@@ -640,7 +654,7 @@ async fn handle(
             }
             {
                 let mut i = peer.lock();
-                let imports = i.imports.get_or_insert_with(BTreeMap::new);
+                let imports = Arc::make_mut(i.imports.get_or_insert_with(Default::default));
                 for e in upserts {
                     imports.insert(e.key.clone(), Arc::new(e));
                 }

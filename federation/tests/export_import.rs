@@ -103,7 +103,7 @@ fn peer(name: &str, region: &str, yaml: &str) -> PeerCatalog {
         cluster: name.into(),
         locality: Locality::new(region, ""),
         stale: false,
-        exports: cat.exports,
+        exports: std::sync::Arc::new(cat.exports),
     }
 }
 
@@ -210,5 +210,33 @@ fn service_entries_are_written_once_and_garbage_collected() {
     std::fs::write(sink.dir().join("mine.yaml"), "kind: ConfigMap\n").unwrap();
     let r = sink.apply(&[]).unwrap();
     assert_eq!(r.deleted, ["sample.helloworld-clusterset.yaml"]);
+    assert!(sink.dir().join("mine.yaml").exists());
+
+    // Incremental passes: an unchanged upsert writes nothing, a changed
+    // one rewrites its file, a removal deletes only what the sink wrote.
+    let r = sink.update(std::slice::from_ref(&se), &[]).unwrap();
+    assert_eq!(r.written, ["sample.helloworld-clusterset.yaml"]);
+    let r = sink.update(std::slice::from_ref(&se), &[]).unwrap();
+    assert_eq!((r.written.len(), r.unchanged), (0, 1));
+    let mut heavier = se.clone();
+    heavier["spec"]["endpoints"][0]["weight"] = serde_json::json!(5);
+    let r = sink.update(std::slice::from_ref(&heavier), &[]).unwrap();
+    assert_eq!(r.written, ["sample.helloworld-clusterset.yaml"]);
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("weight: 5")
+    );
+    let r = sink
+        .update(
+            &[],
+            &[
+                ("sample".into(), "helloworld-clusterset".into()),
+                ("default".into(), "mine".into()),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.deleted, ["sample.helloworld-clusterset.yaml"]);
+    assert!(!path.exists());
     assert!(sink.dir().join("mine.yaml").exists());
 }
