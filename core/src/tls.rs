@@ -137,6 +137,7 @@ pub fn client_config(
 /// paced by window updates, and still a bound on what one peer can make
 /// this process buffer.
 pub const GRPC_STREAM_WINDOW: u32 = 4 << 20;
+/// The connection-wide window: two streams' worth.
 pub const GRPC_CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// A lazily connecting gRPC channel to `addr` over TLS with `cfg` (ALPN

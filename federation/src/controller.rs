@@ -471,8 +471,8 @@ pub async fn reconcile_loop(
                 }
             }
             let write = cat.listed && initial_sync_done;
-            // Merging, rendering and writing files is blocking work at 10,000
-            // services: off the runtime's workers.
+            // Merging is blocking work at 10,000 services: off the runtime's
+            // workers (rendering and writing files is the sink task's).
             let (cluster, exports) = (shared.cluster.clone(), cat.exports.clone());
             let peers_for_merge = peers;
             let Ok(imports) =
