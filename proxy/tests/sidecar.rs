@@ -22,6 +22,11 @@ struct One {
 
 impl One {
     async fn new() -> Self {
+        Self::with_v2_in("us-east1-a").await
+    }
+
+    /// The same, with helloworld-v2 in `zone` of us-east1.
+    async fn with_v2_in(zone: &str) -> Self {
         let mesh = Mesh::new();
         let east = mesh.get("east");
         let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
@@ -46,7 +51,7 @@ impl One {
             None,
         )
         .await;
-        let v2 = workload(east, t, rx, "helloworld-v2", "v2", "us-east1-a", None).await;
+        let v2 = workload(east, t, rx, "helloworld-v2", "v2", zone, None).await;
         let one = Self {
             _mesh: mesh,
             tx,
@@ -1180,54 +1185,9 @@ async fn h2c_and_grpc_cross_two_sidecars_with_trailers() {
 
 #[tokio::test]
 async fn locality_distribute_splits_by_zone_where_plain_locality_keeps_all_in_zone() {
-    let mesh = Mesh::new();
-    let east = mesh.get("east");
-    let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
-    let t = mesh.trust.clone();
-    let client = workload(
-        east,
-        t.clone(),
-        rx.clone(),
-        "sleep",
-        "v1",
-        "us-east1-a",
-        None,
-    )
-    .await;
-    let a = workload(
-        east,
-        t.clone(),
-        rx.clone(),
-        "helloworld-a",
-        "v1",
-        "us-east1-a",
-        None,
-    )
-    .await;
-    let b = workload(east, t, rx, "helloworld-b", "v2", "us-east1-b", None).await;
-    let sidecars = [&client.sidecar, &a.sidecar, &b.sidecar];
-    let state = |distribute: bool| {
-        let mut s = MeshState::default();
-        s.local.insert(
-            ServiceKey::new(NS, "helloworld"),
-            helloworld(east, &[&a, &b], &[]),
-        );
-        let lb = if distribute {
-            json!({"localityLbSetting": {"distribute": [{"from": "us-east1/us-east1-a/*",
-                "to": {"us-east1/us-east1-a/*": 75, "us-east1/us-east1-b/*": 25}}]}})
-        } else {
-            json!({})
-        };
-        policy(
-            &mut s,
-            "DestinationRule",
-            "helloworld",
-            json!({"host": "helloworld", "trafficPolicy": {"loadBalancer": lb}}),
-        );
-        s
-    };
-    publish(&tx, state(false), &sidecars).await;
-    let mut c = Client::new(client.sidecar.outbound_addr);
+    // helloworld-v1 in the caller's zone a, helloworld-v2 in zone b.
+    let one = One::with_v2_in("us-east1-b").await;
+    let mut c = one.client();
     let answers = many(&mut c, 50, "/", &[]).await;
     assert_eq!(
         count(&answers, 200, "v1"),
@@ -1236,7 +1196,16 @@ async fn locality_distribute_splits_by_zone_where_plain_locality_keeps_all_in_zo
         tally(&answers)
     );
 
-    publish(&tx, state(true), &sidecars).await;
+    one.publish(|s| {
+        policy(
+            s,
+            "DestinationRule",
+            "helloworld",
+            json!({"host": "helloworld", "trafficPolicy": {"loadBalancer": {"localityLbSetting": {"distribute": [{"from": "us-east1/us-east1-a/*",
+                "to": {"us-east1/us-east1-a/*": 75, "us-east1/us-east1-b/*": 25}}]}}}}),
+        )
+    })
+    .await;
     let answers = many(&mut c, 400, "/", &[]).await;
     let zone_b = count(&answers, 200, "v2");
     assert_eq!(
