@@ -21,7 +21,7 @@ use crate::source::Objects;
 pub struct Export {
     pub key: ServiceKey,
     pub ports: Vec<ServicePort>,
-    pub groups: Vec<EndpointGroup>,
+    pub groups: Arc<[EndpointGroup]>,
     /// The ServiceExport's creationTimestamp (RFC 3339): oldest wins.
     pub created: String,
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use isthmus_core::drain::DrainSignal;
 use isthmus_core::identity::{Role, SpiffeId, TrustBundle, TrustDomain, TrustStore};
-use isthmus_core::model::{ImportedService, Locality, MeshState, PeerGateway, ServiceKey};
+use isthmus_core::model::{
+    ImportedService, LocalService, Locality, MeshState, PeerGateway, ServiceKey,
+};
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederation;
 use isthmus_proto::federation::v1::{LinkRequest, LinkResponse, PeerMessage};
@@ -26,10 +28,12 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::import::{Conflict, FilesSink, PeerCatalog, merge, service_entry, service_entry_name};
+use crate::import::{
+    Conflict, FilesSink, Imports, PeerCatalog, merge, service_entry, service_entry_name,
+};
 use crate::link::{PeerFile, Token, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus, session};
 use crate::transport::{self, PeerInfo};
@@ -390,7 +394,8 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
 }
 
 /// At startup, ServiceEntries are first written once every peer has sent
-/// its full catalogue, or after this long, whichever is first: writing
+/// its full catalogue, or this long after our own catalogue was listed,
+/// whichever is first: writing
 /// as each peer arrives would rewrite every file once per peer.
 pub const INITIAL_SYNC_GRACE: Duration = Duration::from_secs(3);
 
@@ -417,10 +422,14 @@ pub async fn reconcile_loop(
     let mut version = 0u64;
     let tick = (shared.heartbeat / 2).max(Duration::from_millis(20));
     let started = tokio::time::Instant::now();
+    let mut listed_at = None;
     let mut initial_sync_done = false;
     // The heavy pass (merge, render, write, publish) runs only when
     // something changed; ticks only do liveness bookkeeping.
     let mut dirty = true;
+    let mut local_dirty = true;
+    let mut last_imports: Option<Arc<Imports>> = None;
+    let mut local_cache: Option<LocalCache> = None;
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
@@ -444,8 +453,31 @@ pub async fn reconcile_loop(
                 }
             }
         }
-        if dirty || !initial_sync_done {
+        // Until every peer has synced (or the grace passed), more imports
+        // are on their way; the pass that ends the wait writes files.
+        if !initial_sync_done {
+            // The grace counts from our own list: peers send their
+            // catalogues as soon as they have listed theirs, about when we
+            // have ours.
+            if listed_at.is_none() && catalog.borrow().listed {
+                listed_at = Some(tokio::time::Instant::now());
+            }
+            let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
+            initial_sync_done =
+                all_synced || listed_at.is_some_and(|t| t.elapsed() >= INITIAL_SYNC_GRACE);
+            if initial_sync_done {
+                dirty = true;
+                info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");
+            }
+        }
+        // Until the initial sync is done, a peer's snapshot landing does
+        // not start a pass: merging 10,000 services again as each of them
+        // lands is work thrown away (and the config stream's clients would
+        // see the mesh fill in piecemeal). Our own catalogue's changes
+        // are published at once, with what peers had (restored from disk).
+        if dirty && (initial_sync_done || local_dirty) {
             dirty = false;
+            local_dirty = false;
             let cat = catalog.borrow_and_update().clone();
             let peers: Vec<PeerCatalog> = all_peers
                 .iter()
@@ -461,26 +493,28 @@ pub async fn reconcile_loop(
                 .collect();
             // Until the source's first list this cluster's own exports are
             // unknown; writing then could flip a conflict and rewrite files.
-            // Until every peer has synced (or the grace passed), more imports
-            // are on their way.
-            if !initial_sync_done {
-                let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
-                initial_sync_done = all_synced || started.elapsed() >= INITIAL_SYNC_GRACE;
-                if initial_sync_done {
-                    info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");
-                }
-            }
             let write = cat.listed && initial_sync_done;
             // Merging is blocking work at 10,000 services: off the runtime's
             // workers (rendering and writing files is the sink task's).
-            let (cluster, exports) = (shared.cluster.clone(), cat.exports.clone());
-            let peers_for_merge = peers;
-            let Ok(imports) =
-                tokio::task::spawn_blocking(move || merge((&cluster, &exports), &peers_for_merge))
+            // Before the initial sync, a pass for our own catalogue's
+            // change keeps the last merge (see above).
+            let imports = match last_imports.take() {
+                Some(prev) if !initial_sync_done => prev,
+                _ => {
+                    let (cluster, cat) = (shared.cluster.clone(), cat.clone());
+                    let merge_started = std::time::Instant::now();
+                    let Ok(imports) = tokio::task::spawn_blocking(move || {
+                        merge((&cluster, &cat.exports), &peers)
+                    })
                     .await
-            else {
-                return;
+                    else {
+                        return;
+                    };
+                    debug!(services = imports.services.len(), took = ?merge_started.elapsed(), "catalogues merged");
+                    Arc::new(imports)
+                }
             };
+            last_imports = Some(imports.clone());
             for c in &imports.conflicts {
                 tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
             }
@@ -533,13 +567,21 @@ pub async fn reconcile_loop(
                 })
                 .set(down);
 
-            let policies: Vec<(&str, &crate::catalog::ExportPolicy)> = all_peers
+            // The local part (every local service with the peers it is
+            // exported to) changes only with our catalogue or the peers'
+            // policies; rebuilding it copies every local service.
+            let policies: Vec<(String, crate::catalog::ExportPolicy)> = all_peers
                 .iter()
-                .map(|p| (p.name.as_str(), &p.policy))
+                .map(|p| (p.name.clone(), p.policy.clone()))
                 .collect();
+            let local = match &local_cache {
+                Some((c, p, local)) if Arc::ptr_eq(c, &cat) && *p == policies => local.clone(),
+                _ => cat.with_export_targets(policies.iter().map(|(n, p)| (n.as_str(), p))),
+            };
+            local_cache = Some((cat.clone(), policies, local.clone()));
             let next = MeshState {
                 version: 0,
-                local: cat.with_export_targets(policies.iter().copied()),
+                local,
                 imported: imports.services.clone(),
                 peers: gateways,
                 destination_rules: cat.destination_rules.clone(),
@@ -559,7 +601,7 @@ pub async fn reconcile_loop(
             // the config stream serves) and the next merge never wait for
             // disk, and a slow disk coalesces to the newest state.
             if write {
-                to_sink.send_replace(Some((woke, Arc::new(imports.services))));
+                to_sink.send_replace(Some((woke, Arc::new(imports.services.clone()))));
             }
         }
         tokio::select! {
@@ -568,6 +610,7 @@ pub async fn reconcile_loop(
                     return;
                 }
                 dirty = true;
+                local_dirty = true;
             }
             _ = shared.changed.notified() => dirty = true,
             _ = tokio::time::sleep(tick) => continue,
@@ -578,6 +621,14 @@ pub async fn reconcile_loop(
         tokio::time::sleep(COALESCE).await;
     }
 }
+
+/// The local part of the last mesh state, with the catalogue and peers'
+/// policies it was built from.
+type LocalCache = (
+    Arc<Catalog>,
+    Vec<(String, crate::catalog::ExportPolicy)>,
+    BTreeMap<ServiceKey, Arc<LocalService>>,
+);
 
 /// The imported services to write, and when the change that produced
 /// them was picked up.
@@ -597,6 +648,13 @@ async fn sink_loop(
     mut input: watch::Receiver<SinkInput>,
 ) {
     let mut written: Option<Arc<BTreeMap<ServiceKey, Arc<ImportedService>>>> = None;
+    let writer = match BackgroundThread::start("isthmus-sink") {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "cannot start the ServiceEntry writer thread; no ServiceEntries will be written (check the process's thread limit)");
+            return;
+        }
+    };
     loop {
         tokio::select! {
             r = input.changed() => if r.is_err() { return },
@@ -607,28 +665,29 @@ async fn sink_loop(
         };
         let (sink2, last) = (sink.clone(), written.take());
         let pass = services.clone();
-        let Ok(outcome) = tokio::task::spawn_blocking(move || match &last {
-            None => {
-                let entries: Vec<serde_json::Value> =
-                    pass.values().map(|s| service_entry(s, gateway)).collect();
-                Some(sink2.apply(&entries))
-            }
-            Some(prev) => {
-                let upserts: Vec<serde_json::Value> = pass
-                    .iter()
-                    .filter(|(k, s)| prev.get(*k) != Some(*s))
-                    .map(|(_, s)| service_entry(s, gateway))
-                    .collect();
-                let removed: Vec<(String, String)> = prev
-                    .keys()
-                    .filter(|k| !pass.contains_key(*k))
-                    .map(|k| (k.namespace.clone(), service_entry_name(k)))
-                    .collect();
-                (!upserts.is_empty() || !removed.is_empty())
-                    .then(|| sink2.update(&upserts, &removed))
-            }
-        })
-        .await
+        let Some(outcome) = writer
+            .run(move || match &last {
+                None => {
+                    let entries: Vec<serde_json::Value> =
+                        pass.values().map(|s| service_entry(s, gateway)).collect();
+                    Some(sink2.apply(&entries))
+                }
+                Some(prev) => {
+                    let upserts: Vec<serde_json::Value> = pass
+                        .iter()
+                        .filter(|(k, s)| prev.get(*k) != Some(*s))
+                        .map(|(_, s)| service_entry(s, gateway))
+                        .collect();
+                    let removed: Vec<(String, String)> = prev
+                        .keys()
+                        .filter(|k| !pass.contains_key(*k))
+                        .map(|k| (k.namespace.clone(), service_entry_name(k)))
+                        .collect();
+                    (!upserts.is_empty() || !removed.is_empty())
+                        .then(|| sink2.update(&upserts, &removed))
+                }
+            })
+            .await
         else {
             return;
         };
@@ -658,6 +717,53 @@ async fn sink_loop(
                 }
             }
         }
+    }
+}
+
+/// How much nicer than the rest of the process the ServiceEntry writer
+/// runs (Linux `nice` steps).
+pub const SINK_NICENESS: i32 = 10;
+
+/// A thread for background blocking work at a lower CPU priority than the
+/// runtime's workers: writing 10,000 ServiceEntry files is bulk work that
+/// may wait, heartbeats and merges may not. (The blocking pool's threads
+/// are shared and cannot be reniced back, hence a thread of its own.)
+struct BackgroundThread {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl BackgroundThread {
+    fn start(name: &str) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                #[cfg(target_os = "linux")]
+                {
+                    // PRIO_PROCESS with a thread id renices that thread only.
+                    let tid = rustix::thread::gettid();
+                    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+                    if let Err(e) = rustix::process::setpriority_process(Some(tid), now + SINK_NICENESS) {
+                        debug!(error = %e, "cannot lower the writer thread's priority; it runs at the process's");
+                    }
+                }
+                // Ends when the last sender is dropped.
+                for job in rx {
+                    job();
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on the thread; `None` if it panicked.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .ok()?;
+        rx.await.ok()
     }
 }
 

@@ -85,10 +85,12 @@ pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCat
             ka.cmp(&kb)
         });
         let (winner, reference, _) = exporters[0];
-        let signature = port_signature(&reference.ports);
-        let mut clusters = Vec::new();
+        let mut clusters = Vec::with_capacity(exporters.len());
         for (cluster, export, peer) in &exporters {
-            if port_signature(&export.ports) != signature {
+            // Equal ports (the usual case) need no signature.
+            if export.ports != reference.ports
+                && port_signature(&export.ports) != port_signature(&reference.ports)
+            {
                 out.conflicts.push(Conflict {
                     service: key.clone(),
                     winner: winner.to_owned(),
@@ -96,7 +98,7 @@ pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCat
                     reason: format!(
                         "ports {:?} differ from {winner}'s older export {:?}",
                         port_signature(&export.ports),
-                        signature
+                        port_signature(&reference.ports)
                     ),
                 });
                 continue;
@@ -390,12 +392,12 @@ pub fn seed(sink: &FilesSink) -> BTreeMap<String, (Locality, BTreeMap<ServiceKey
                 Arc::new(Export {
                     key: key.clone(),
                     ports: ports.clone(),
-                    groups: vec![isthmus_core::model::EndpointGroup {
+                    groups: Arc::from([isthmus_core::model::EndpointGroup {
                         locality: locality.clone(),
                         labels: Default::default(),
                         healthy: weight,
                         total: weight,
-                    }],
+                    }]),
                     created: String::new(),
                 }),
             );

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::catalog::Catalog;
 use futures::{Stream, StreamExt};
 use isthmus_core::identity::{TrustBundle, TrustDomain};
 use isthmus_core::model::{EndpointGroup, Locality, ServiceKey, ServicePort};
@@ -423,42 +424,18 @@ where
         return e;
     }
 
-    // Our catalogue: resume or snapshot.
+    // Our catalogue: resume or snapshot, once the source has listed. An
+    // unlisted catalogue is empty, not this cluster's: sent as a snapshot
+    // it would make the peer swap in nothing (withdrawing every import)
+    // until the real one followed.
     let mut catalog = shared.catalog.clone();
     let first = {
-        let current = catalog.borrow_and_update().for_peer(&peer.policy);
-        let mut i = peer.lock();
-        let can_resume = theirs.resume_epoch == shared.epoch
-            && theirs.resume_revision <= i.out_revision
-            && (theirs.resume_revision == i.out_revision
-                || i.out_history
-                    .front()
-                    .is_some_and(|d| d.revision <= theirs.resume_revision + 1));
-        let mut out: Vec<pb::PeerMessage> = Vec::new();
-        if can_resume {
-            out.extend(
-                i.out_history
-                    .iter()
-                    .filter(|d| d.revision > theirs.resume_revision)
-                    .map(|d| msg(Message::Delta(d.clone()))),
-            );
-            if let Some(d) = delta(&shared.epoch, &mut i, &current) {
-                out.push(msg(Message::Delta(d)));
-            }
-            debug!(peer.cluster = %peer.name, from = theirs.resume_revision, deltas = out.len(), "resuming");
-        } else {
-            i.out_revision += 1;
-            i.out_history.clear();
-            i.out_sent = current.clone();
-            out.push(msg(Message::Snapshot(pb::Snapshot {
-                epoch: shared.epoch.clone(),
-                revision: i.out_revision,
-                services: current.values().map(|e| export_to_pb(e)).collect(),
-            })));
-        }
-        out
+        let cat = catalog.borrow_and_update();
+        cat.listed
+            .then(|| first_messages(shared, peer, &theirs, &cat))
     };
-    for m in first {
+    let mut first_sent = first.is_some();
+    for m in first.into_iter().flatten() {
         if let Err(e) = send(tx, m).await {
             return e;
         }
@@ -486,12 +463,25 @@ where
                     let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
                     return "controller shutting down".into();
                 }
-                let current = catalog.borrow_and_update().for_peer(&peer.policy);
-                let d = delta(&shared.epoch, &mut peer.lock(), &current);
-                if let Some(d) = d
-                    && let Err(e) = send(tx, msg(Message::Delta(d))).await
-                {
-                    return e;
+                let out = {
+                    let cat = catalog.borrow_and_update();
+                    let cat: &Catalog = &cat;
+                    if first_sent {
+                        let current = cat.for_peer(&peer.policy);
+                        delta(&shared.epoch, &mut peer.lock(), &current)
+                            .map(|d| vec![msg(Message::Delta(d))])
+                            .unwrap_or_default()
+                    } else if cat.listed {
+                        first_sent = true;
+                        first_messages(shared, peer, &theirs, cat)
+                    } else {
+                        Vec::new()
+                    }
+                };
+                for m in out {
+                    if let Err(e) = send(tx, m).await {
+                        return e;
+                    }
                 }
             }
             next = rx.next() => {
@@ -540,6 +530,49 @@ where
             }
         }
     }
+}
+
+/// What opens our side of a session: the deltas the peer missed when it
+/// can resume from its last applied revision, else a full snapshot.
+fn first_messages(
+    shared: &Shared,
+    peer: &PeerState,
+    theirs: &pb::Hello,
+    catalog: &Catalog,
+) -> Vec<pb::PeerMessage> {
+    let started = std::time::Instant::now();
+    let current = catalog.for_peer(&peer.policy);
+    let mut i = peer.lock();
+    let can_resume = theirs.resume_epoch == shared.epoch
+        && theirs.resume_revision <= i.out_revision
+        && (theirs.resume_revision == i.out_revision
+            || i.out_history
+                .front()
+                .is_some_and(|d| d.revision <= theirs.resume_revision + 1));
+    let mut out: Vec<pb::PeerMessage> = Vec::new();
+    if can_resume {
+        out.extend(
+            i.out_history
+                .iter()
+                .filter(|d| d.revision > theirs.resume_revision)
+                .map(|d| msg(Message::Delta(d.clone()))),
+        );
+        if let Some(d) = delta(&shared.epoch, &mut i, &current) {
+            out.push(msg(Message::Delta(d)));
+        }
+        debug!(peer.cluster = %peer.name, from = theirs.resume_revision, deltas = out.len(), "resuming");
+    } else {
+        i.out_revision += 1;
+        i.out_history.clear();
+        out.push(msg(Message::Snapshot(pb::Snapshot {
+            epoch: shared.epoch.clone(),
+            revision: i.out_revision,
+            services: current.values().map(|e| export_to_pb(e)).collect(),
+        })));
+        debug!(peer.cluster = %peer.name, services = current.len(), took = ?started.elapsed(), "sending a snapshot");
+        i.out_sent = current;
+    }
+    out
 }
 
 /// The delta from what was last sent to `current`, recorded in history.
@@ -595,6 +628,8 @@ async fn handle(
     };
     match m {
         Message::Snapshot(s) => {
+            let started = std::time::Instant::now();
+            let count = s.services.len();
             // Build the new set completely before swapping it in.
             let mut next = BTreeMap::new();
             for svc in s.services {
@@ -617,6 +652,7 @@ async fn handle(
                 i.last_event = Some(SystemTime::now());
             }
             shared.changed.notify_one();
+            debug!(peer.cluster = %peer.name, services = count, revision = s.revision, took = ?started.elapsed(), "snapshot applied");
             send(tx, ack(s.epoch, s.revision)).await
         }
         Message::Delta(d) => {

@@ -164,6 +164,47 @@ fn deleting_a_file_deletes_its_objects_and_the_imports_dir_is_ignored() {
     assert_eq!(deleted.len(), 3);
 }
 
+#[test]
+fn a_quiet_directory_scans_to_nothing_and_the_later_file_of_a_duplicate_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = |port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dup, namespace: sample}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+        )
+    };
+    write(dir.path(), "a.yaml", &export(1000));
+    write(dir.path(), "b.yaml", &export(2000));
+    write(dir.path(), "other.yaml", HELLOWORLD);
+    let port = |o: &isthmus_federation::objects::Object| match &o.body {
+        Body::Service { ports } => ports[0].port,
+        other => panic!("not a service: {other:?}"),
+    };
+    let mut src = FilesSource::new(dir.path());
+    let (applied, _) = src.scan();
+    assert_eq!(applied.len(), 4);
+    let dup: Vec<_> = applied.iter().filter(|o| o.key.name == "dup").collect();
+    assert_eq!(dup.len(), 1);
+    assert_eq!(port(dup[0]), 2000, "the later path wins");
+
+    // Nothing changed on disk: nothing to report.
+    assert_eq!(src.scan(), (vec![], vec![]));
+
+    // The winning file goes: the object falls back to the other
+    // definition (a change, not a deletion); nothing else is reported.
+    std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    let (applied, deleted) = src.scan();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert_eq!(applied.len(), 1);
+    assert_eq!(port(&applied[0]), 1000);
+
+    // The last definition goes: now it is deleted.
+    std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+    let (applied, deleted) = src.scan();
+    assert!(applied.is_empty());
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].name, "dup");
+}
+
 #[tokio::test]
 async fn the_running_source_feeds_a_store_with_list_then_changes() {
     let dir = tempfile::tempdir().unwrap();

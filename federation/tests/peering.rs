@@ -173,6 +173,57 @@ async fn a_restart_loses_nothing_and_rewrites_nothing_unchanged() {
     );
 }
 
+/// A restarted exporter reads its manifests again before it can say what
+/// it exports; until then it must not send its peers an empty catalogue,
+/// which they would swap in (sync-then-swap) and withdraw every import.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_exporter_never_makes_its_peer_withdraw_imports() {
+    const N: usize = 1500;
+    let root = tempfile::tempdir().unwrap();
+    let east = TestCluster::new(root.path(), "east", "us-east1");
+    let west = TestCluster::new(root.path(), "west", "us-west1");
+    // Big enough that listing it takes a while after the session is up.
+    let yaml: Vec<String> = (0..N)
+        .map(|i| service_yaml(&format!("svc-{i}"), 5000, true, ""))
+        .collect();
+    west.write("services.yaml", &yaml.join("---\n"));
+    let e = east
+        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
+        .await;
+    let w = west
+        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
+        .await;
+    let imported = || e.mesh.borrow().imported.len();
+    assert_eventually(
+        "east imports all of west's services",
+        WAIT * 3,
+        async || imported() == N,
+    )
+    .await;
+    let synced_before = e.status()[0].last_full_sync.clone();
+
+    w.shutdown(Duration::from_secs(2)).await;
+    let w = west
+        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
+        .await;
+    // Watch east's mesh state through the restart until west's new
+    // snapshot has landed, and a few passes after.
+    let deadline = std::time::Instant::now() + WAIT * 3;
+    let mut fewest = N;
+    while e.status()[0].last_full_sync == synced_before {
+        fewest = fewest.min(imported());
+        assert!(std::time::Instant::now() < deadline, "west never re-synced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for _ in 0..100 {
+        fewest = fewest.min(imported());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(fewest, N, "east's imports dropped while west restarted");
+    assert_eq!(imported(), N);
+    drop(w);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_peer_is_marked_stale_then_withdrawn_after_the_lease() {
     let root = tempfile::tempdir().unwrap();

@@ -195,12 +195,12 @@ mod tests {
         RemoteCluster {
             cluster: name.into(),
             locality: Locality::new(region, zone),
-            groups: vec![EndpointGroup {
+            groups: std::sync::Arc::from([EndpointGroup {
                 locality: Locality::new(region, zone),
                 labels: [("version".to_owned(), "v1".to_owned())].into(),
                 healthy,
                 total: healthy.max(1),
-            }],
+            }]),
             stale: false,
         }
     }

@@ -186,12 +186,12 @@ pub fn remote(c: &Cluster, healthy: u32) -> RemoteCluster {
     RemoteCluster {
         cluster: c.name.into(),
         locality: c.locality.clone(),
-        groups: vec![EndpointGroup {
+        groups: std::sync::Arc::from([EndpointGroup {
             locality: c.locality.clone(),
             labels: [("version".to_owned(), "v1".to_owned())].into(),
             healthy,
             total: healthy,
-        }],
+        }]),
         stale: false,
     }
 }

@@ -186,17 +186,18 @@ impl FilesSource {
     }
 
     fn scan_with(&mut self, force: bool) -> (Vec<Arc<Object>>, Vec<ObjectKey>) {
+        let started = std::time::Instant::now();
         let listed = self.list();
         let present: BTreeSet<&PathBuf> = listed.iter().map(|(p, _)| p).collect();
-        let before: BTreeMap<ObjectKey, Arc<Object>> = self
+        let removed: Vec<PathBuf> = self
             .files
-            .values()
-            .flat_map(|(_, objs)| objs.iter().map(|o| (o.key.clone(), o.clone())))
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
             .collect();
-        // Removed files take their objects with them.
-        self.files.retain(|p, _| present.contains(p));
         self.failed.retain(|p, _| present.contains(p));
         self.errors.retain(|e| present.contains(&e.path));
+        let mut parsed: Vec<(PathBuf, Stamp, Vec<Arc<Object>>)> = Vec::new();
         for (path, stamp) in listed {
             let unchanged = !force
                 && (self.files.get(&path).is_some_and(|(s, _)| *s == stamp)
@@ -215,8 +216,7 @@ impl FilesSource {
             match parse_file(&path, &text) {
                 Ok(objs) => {
                     self.failed.remove(&path);
-                    self.files
-                        .insert(path, (stamp, objs.into_iter().map(Arc::new).collect()));
+                    parsed.push((path, stamp, objs.into_iter().map(Arc::new).collect()));
                 }
                 Err(e) => {
                     warn!(error = %e, "manifest skipped; the objects it held before are kept (fix the file and save it again)");
@@ -225,22 +225,63 @@ impl FilesSource {
                 }
             }
         }
-        let after: BTreeMap<ObjectKey, Arc<Object>> = self
-            .objects()
-            .into_iter()
-            .map(|o| (o.key.clone(), o))
-            .collect();
-        let applied = after
+        // Nothing read, nothing removed: nothing changed. (This is every
+        // poll of a quiet directory, so it must cost a listing only.)
+        if removed.is_empty() && parsed.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        // Only objects in files that were removed or read again can have
+        // changed; which file wins for those keys is computed before and
+        // after over all files (a key may be defined in an untouched one).
+        let mut touched: BTreeSet<ObjectKey> = BTreeSet::new();
+        let old_of = |p: &PathBuf| self.files.get(p).into_iter().flat_map(|(_, objs)| objs);
+        for o in removed.iter().flat_map(old_of) {
+            touched.insert(o.key.clone());
+        }
+        for (path, _, objs) in &parsed {
+            for o in old_of(path).chain(objs) {
+                touched.insert(o.key.clone());
+            }
+        }
+        let before = self.winners(&touched, false);
+        for p in &removed {
+            self.files.remove(p);
+        }
+        for (path, stamp, objs) in parsed {
+            self.files.insert(path, (stamp, objs));
+        }
+        let after = self.winners(&touched, true);
+        let applied: Vec<Arc<Object>> = after
             .iter()
             .filter(|(k, o)| before.get(*k) != Some(*o))
             .map(|(_, o)| o.clone())
             .collect();
-        let deleted = before
-            .keys()
-            .filter(|k| !after.contains_key(*k))
-            .cloned()
+        let deleted: Vec<ObjectKey> = before
+            .into_keys()
+            .filter(|k| !after.contains_key(k))
             .collect();
+        debug!(dir = %self.dir.display(), took = ?started.elapsed(), changed = applied.len(), deleted = deleted.len(), "manifests read");
         (applied, deleted)
+    }
+
+    /// The object each of `keys` resolves to across all files (the later
+    /// path wins), warning about keys defined twice when `warn_twice`.
+    fn winners(
+        &self,
+        keys: &BTreeSet<ObjectKey>,
+        warn_twice: bool,
+    ) -> BTreeMap<ObjectKey, Arc<Object>> {
+        let mut by_key: BTreeMap<ObjectKey, (&PathBuf, Arc<Object>)> = BTreeMap::new();
+        for (path, (_, objs)) in &self.files {
+            for o in objs.iter().filter(|o| keys.contains(&o.key)) {
+                if let Some((other, _)) = by_key.insert(o.key.clone(), (path, o.clone()))
+                    && warn_twice
+                {
+                    warn!(object = %o.key, first = %other.display(), second = %path.display(), "object defined in two files; the second wins");
+                }
+            }
+        }
+        by_key.into_iter().map(|(k, (_, o))| (k, o)).collect()
     }
 
     /// Every object currently held. When two files define the same object,
@@ -263,17 +304,29 @@ impl FilesSource {
         let mut last_resync: Option<tokio::time::Instant> = None;
         loop {
             let resync = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_INTERVAL);
-            let (applied, deleted) = if resync {
-                self.rescan_all()
-            } else {
-                self.scan()
+            // Listing, reading and parsing (megabytes of YAML at 10,000
+            // services) are blocking work: off the runtime's workers, which
+            // carry the heartbeats of every peer session.
+            let Ok((back, (applied, deleted), all)) = tokio::task::spawn_blocking(move || {
+                let changes = if resync {
+                    self.rescan_all()
+                } else {
+                    self.scan()
+                };
+                let all = if resync { self.objects() } else { Vec::new() };
+                (self, changes, all)
+            })
+            .await
+            else {
+                return;
             };
+            self = back;
             if resync {
                 last_resync = Some(tokio::time::Instant::now());
                 if tx.send(Event::Init).await.is_err() {
                     return;
                 }
-                for o in self.objects() {
+                for o in all {
                     if tx.send(Event::InitApply(o)).await.is_err() {
                         return;
                     }
