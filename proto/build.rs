@@ -11,6 +11,9 @@ fn main() -> anyhow::Result<()> {
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        // Pre-encoded exports, shared between peers (see federation.proto).
+        .bytes(".isthmus.federation.v1.Snapshot.services")
+        .bytes(".isthmus.federation.v1.Delta.upserts")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

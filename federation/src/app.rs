@@ -150,16 +150,29 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         loop {
             tokio::select! {
                 e = events_rx.recv() => match e {
-                    Some(e) => store.apply(e),
+                    Some(e) => {
+                        // Whatever else is already queued goes in the same
+                        // batch: one publication per burst, not per object.
+                        let mut batch = vec![e];
+                        while batch.len() < 4096 {
+                            match events_rx.try_recv() {
+                                Ok(e) => batch.push(e),
+                                Err(_) => break,
+                            }
+                        }
+                        store.apply_batch(batch);
+                    }
                     None => return,
                 },
                 _ = objects.changed() => {
                     let snapshot = objects.borrow_and_update().clone();
                     let locality = locality.clone();
                     // CPU-heavy at 10,000 services: off the workers.
+                    let started = std::time::Instant::now();
                     let Ok(cat) = tokio::task::spawn_blocking(move || Catalog::build(&snapshot, &locality)).await else {
                         return;
                     };
+                    tracing::debug!(exports = cat.exports.len(), took = ?started.elapsed(), "catalogue built");
                     catalog_tx.send_replace(Arc::new(cat));
                     first.take();
                 }

@@ -80,8 +80,8 @@ pub fn merge(local: (&str, &BTreeMap<ServiceKey, Arc<Export>>), peers: &[PeerCat
         // Oldest export first; an unknown creation time sorts last; the
         // cluster name breaks ties so every controller agrees.
         exporters.sort_by(|a, b| {
-            let ka = (a.1.created.is_empty(), &a.1.created, a.0);
-            let kb = (b.1.created.is_empty(), &b.1.created, b.0);
+            let ka = (a.1.created == 0, a.1.created, a.0);
+            let kb = (b.1.created == 0, b.1.created, b.0);
             ka.cmp(&kb)
         });
         let (winner, reference, _) = exporters[0];
@@ -398,7 +398,8 @@ pub fn seed(sink: &FilesSink) -> BTreeMap<String, (Locality, BTreeMap<ServiceKey
                         healthy: weight,
                         total: weight,
                     }]),
-                    created: String::new(),
+                    created: 0,
+                    encoded: Default::default(),
                 }),
             );
         }

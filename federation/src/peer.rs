@@ -159,7 +159,7 @@ fn locality_from_pb(l: Option<pbc::Locality>) -> Locality {
     .unwrap_or_default()
 }
 
-fn export_to_pb(e: &Export) -> pb::ExportedService {
+pub(crate) fn export_to_pb(e: &Export) -> pb::ExportedService {
     pb::ExportedService {
         key: Some(pbc::ServiceKey {
             namespace: e.key.namespace.clone(),
@@ -185,12 +185,7 @@ fn export_to_pb(e: &Export) -> pb::ExportedService {
                 total: g.total,
             })
             .collect(),
-        export_created_unix: time::OffsetDateTime::parse(
-            &e.created,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(|t| t.unix_timestamp())
-        .unwrap_or(0),
+        export_created_unix: e.created,
     }
 }
 
@@ -209,6 +204,16 @@ fn key_from_pb(k: Option<pbc::ServiceKey>) -> Result<ServiceKey, String> {
         ));
     }
     Ok(ServiceKey::new(&k.namespace, &k.name))
+}
+
+/// An export from its encoding (kept, to pass on unchanged).
+fn export_from_bytes(encoded: prost::bytes::Bytes) -> Result<Export, String> {
+    use prost::Message as _;
+    let s = pb::ExportedService::decode(encoded.clone())
+        .map_err(|e| format!("undecodable service: {e}"))?;
+    let e = export_from_pb(s)?;
+    let _ = e.encoded.set(encoded);
+    Ok(e)
 }
 
 fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
@@ -236,22 +241,12 @@ fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
             total: g.total,
         })
         .collect();
-    let created = if s.export_created_unix > 0 {
-        time::OffsetDateTime::from_unix_timestamp(s.export_created_unix)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
     Ok(Export {
         key,
         ports,
         groups,
-        created,
+        created: s.export_created_unix.max(0),
+        encoded: Default::default(),
     })
 }
 
@@ -567,7 +562,7 @@ fn first_messages(
         out.push(msg(Message::Snapshot(pb::Snapshot {
             epoch: shared.epoch.clone(),
             revision: i.out_revision,
-            services: current.values().map(|e| export_to_pb(e)).collect(),
+            services: current.values().map(|e| e.encoded()).collect(),
         })));
         debug!(peer.cluster = %peer.name, services = current.len(), took = ?started.elapsed(), "sending a snapshot");
         i.out_sent = current;
@@ -584,7 +579,7 @@ fn delta(
     let upserts: Vec<_> = current
         .iter()
         .filter(|(k, v)| i.out_sent.get(*k) != Some(*v))
-        .map(|(_, v)| export_to_pb(v))
+        .map(|(_, v)| v.encoded())
         .collect();
     let removals: Vec<_> = i
         .out_sent
@@ -633,7 +628,7 @@ async fn handle(
             // Build the new set completely before swapping it in.
             let mut next = BTreeMap::new();
             for svc in s.services {
-                match export_from_pb(svc) {
+                match export_from_bytes(svc) {
                     Ok(e) => {
                         next.insert(e.key.clone(), Arc::new(e));
                     }
@@ -670,7 +665,7 @@ async fn handle(
             }
             let mut upserts = Vec::new();
             for svc in d.upserts {
-                match export_from_pb(svc) {
+                match export_from_bytes(svc) {
                     Ok(e) => upserts.push(e),
                     Err(e) => {
                         let _ = tx.send(goodbye(Reason::Malformed, &e)).await;

@@ -12,6 +12,7 @@ use isthmus_federation::testing::{TestCluster, service_yaml};
 use isthmus_proto::common::v1 as pbc;
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
 use isthmus_proto::federation::v1::{self as pb, peer_message::Message};
+use prost::Message as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,6 +99,7 @@ async fn oversized_and_malformed_messages_close_that_stream_only() {
             }],
             ..Default::default()
         })
+        .map(|s| s.encode_to_vec().into())
         .collect();
     tx.send(msg(Message::Snapshot(pb::Snapshot {
         epoch: "e".into(),
@@ -164,7 +166,7 @@ async fn oversized_and_malformed_messages_close_that_stream_only() {
     tx.send(msg(Message::Snapshot(pb::Snapshot {
         epoch: "e2".into(),
         revision: 1,
-        services: vec![bad],
+        services: vec![bad.encode_to_vec().into()],
     })))
     .await
     .unwrap();

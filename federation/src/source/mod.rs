@@ -64,39 +64,50 @@ impl Store {
 
     /// Applies one event; publishes when the visible state changed.
     pub fn apply(&mut self, event: Event) {
+        self.apply_batch([event]);
+    }
+
+    /// Applies events in order and publishes once at the end if the
+    /// visible state changed: a file of 10,000 services edited is 30,000
+    /// events, and publishing copies the whole state.
+    pub fn apply_batch(&mut self, events: impl IntoIterator<Item = Event>) {
+        let mut changed = false;
+        for event in events {
+            changed |= self.apply_quietly(event);
+        }
+        if changed && self.ready {
+            self.publish();
+        }
+    }
+
+    /// Applies one event; whether the visible state changed.
+    fn apply_quietly(&mut self, event: Event) -> bool {
         match event {
-            Event::Init => self.listing = Some(Objects::new()),
+            Event::Init => {
+                self.listing = Some(Objects::new());
+                false
+            }
             Event::InitApply(o) => {
                 self.listing
                     .get_or_insert_with(Objects::new)
                     .insert(o.key.clone(), o);
+                false
             }
             Event::InitDone => {
                 let listed = self.listing.take().unwrap_or_default();
                 let changed = !self.ready || listed != self.current;
                 self.current = listed;
                 self.ready = true;
-                if changed {
-                    self.publish();
-                }
+                changed
             }
             Event::Apply(o) => {
-                if self.current.get(&o.key) != Some(&o) {
-                    self.current.insert(o.key.clone(), o);
-                    self.publish_if_ready();
+                if self.current.get(&o.key) == Some(&o) {
+                    return false;
                 }
+                self.current.insert(o.key.clone(), o);
+                true
             }
-            Event::Delete(key) => {
-                if self.current.remove(&key).is_some() {
-                    self.publish_if_ready();
-                }
-            }
-        }
-    }
-
-    fn publish_if_ready(&self) {
-        if self.ready {
-            self.publish();
+            Event::Delete(key) => self.current.remove(&key).is_some(),
         }
     }
 
