@@ -96,6 +96,24 @@ controller: 127.0.1.1:15010
 }
 
 #[test]
+fn a_quic_packet_size_too_large_for_one_send_batch_is_refused_with_the_range() {
+    let gateway = |payload: u32| {
+        check(&format!(
+            "kind: Gateway\ncluster: {{ name: east, trustDomain: east.isthmus.local }}\ncontroller: 127.0.1.1:15010\nmaxUdpPayload: {payload}\n"
+        ))
+    };
+    let (ok, out, err) = gateway(6550);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"max_udp_payload\": 6550"), "{out}");
+    // Jumbo frames' 8952 would make every ten-packet batch overflow one
+    // UDP send: refused, with the range that works.
+    let (ok, _, err) = gateway(8952);
+    assert!(!ok);
+    assert!(err.contains("maxUdpPayload: 8952 is out of range"), "{err}");
+    assert!(err.contains("use 1200 to 6550"), "{err}");
+}
+
+#[test]
 fn malformed_yaml_names_the_line() {
     let (ok, _, err) = check("kind: Proxy\ncluster: [unclosed\n");
     assert!(!ok);

@@ -19,6 +19,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// IP and UDP headers. MTU discovery probes up to this.
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
 
+/// The largest QUIC packet size the gateway accepts. quinn sends up to
+/// ten packets per UDP segmentation-offload batch, and a batch must fit
+/// one IP datagram (65,507 bytes of UDP payload): above this every batch
+/// fails to send and throughput collapses (measured: 5 MB/s at 6600).
+pub const MAX_UDP_PAYLOAD: u16 = 6550;
+
 /// The gateway's whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GatewayConfig {
@@ -33,12 +39,13 @@ pub struct GatewayConfig {
     pub idle_timeout: Duration,
     /// QUIC connections kept to each peer gateway.
     pub connections_per_peer: u32,
-    /// Largest QUIC packet (UDP payload) MTU discovery may reach. Only
-    /// raise it on paths known to carry larger packets without loss
-    /// (jumbo frames: 8972; the IPv4 maximum is 65507). Measured on
-    /// loopback under bulk load, large probes were lost to queueing and
-    /// quinn's black-hole detection fell back to 1200, which is slower
-    /// than the default (BENCHMARKS.md).
+    /// QUIC packet size (UDP payload). At the default, MTU discovery
+    /// probes from 1200 up to 1452 (Ethernet). Above it, the operator
+    /// declares a path that carries larger packets (jumbo frames,
+    /// loopback) and packets start at this size, up to
+    /// [`MAX_UDP_PAYLOAD`]: probing up to it instead lost the probes to
+    /// queueing under bulk load and quinn fell back to 1200
+    /// (BENCHMARKS.md).
     pub max_udp_payload: u16,
     pub admin: AdminSection,
 }
@@ -56,9 +63,13 @@ impl FromConfig for GatewayConfig {
         let idle_timeout = r.or("idleTimeout", DEFAULT_IDLE_TIMEOUT);
         let connections_per_peer = r.or("connectionsPerPeer", 2u32);
         let max_udp_payload = match r.or("maxUdpPayload", u32::from(DEFAULT_MAX_UDP_PAYLOAD)) {
-            n @ 1200..=65527 => n as u16,
+            n @ 1200..=6550 => n as u16,
             n => {
-                r.error("maxUdpPayload", format!("{n} is out of range (QUIC needs at least 1200 bytes; UDP allows at most 65527)"), "use 1200 to 65527 (default 1452)");
+                r.error(
+                    "maxUdpPayload",
+                    format!("{n} is out of range (QUIC needs at least 1200 bytes; above {MAX_UDP_PAYLOAD} a batch of ten packets no longer fits one UDP send)"),
+                    format!("use 1200 to {MAX_UDP_PAYLOAD}: 1452 (the default) for Ethernet paths, up to {MAX_UDP_PAYLOAD} on jumbo-frame networks"),
+                );
                 DEFAULT_MAX_UDP_PAYLOAD
             }
         };

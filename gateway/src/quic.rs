@@ -31,6 +31,14 @@ pub fn transport(idle_timeout: Duration, max_udp_payload: u16) -> Arc<TransportC
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
+    // A payload above the Ethernet default is the operator saying the path
+    // carries jumbo frames: packets start at that size. Probing up to it
+    // instead fails under bulk load (the probes are lost to queueing and
+    // quinn falls back to 1200 bytes), and per-packet work is most of a
+    // tunnel's CPU. The default keeps probing from 1200 up to 1452.
+    if max_udp_payload > crate::config::DEFAULT_MAX_UDP_PAYLOAD {
+        t.initial_mtu(max_udp_payload);
+    }
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(idle_timeout).expect("idle timeout fits a VarInt"),
     ));
