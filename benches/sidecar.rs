@@ -30,7 +30,9 @@ async fn main() {
         vec![spec],
     )
     .unwrap()
-    .log_level("error");
+    .log_level("error")
+    // Sidecars as deployed: the sidecar-only binary.
+    .proxy_bin(Path::new(env!("CARGO_BIN_EXE_isthmus-proxy")));
     h.start_controller("bench").unwrap();
     h.start_gateway("bench").unwrap();
     h.start_workload("bench", "sleep").await.unwrap();

@@ -488,10 +488,12 @@ async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
     let base = NET.fetch_add(3, Ordering::Relaxed);
     // Four-second workload certificates from each controller's CA,
     // renewed at about half their life: over 12 s each sidecar rotates
-    // several times and its first certificates expire.
+    // several times and its first certificates expire. The sidecars are
+    // the sidecar-only `isthmus-proxy` binary, as a sidecar image ships it.
     let mut h = Harness::new(bin(), dir.path(), demo_clusters(base))
         .unwrap()
         .log_level("warn,isthmus_core::identity::rotation=info")
+        .proxy_bin(Path::new(env!("CARGO_BIN_EXE_isthmus-proxy")))
         .certificate_ttl(Duration::from_secs(4))
         .unwrap();
     h.start_all(Duration::from_secs(30)).await.unwrap();

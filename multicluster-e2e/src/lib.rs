@@ -254,6 +254,9 @@ pub struct Harness {
     certificate_ttl: Duration,
     /// Delay relays between regions (network-namespace tier).
     relays: Option<delay::Relays>,
+    /// The sidecar-only `isthmus-proxy` binary, when sidecars should run
+    /// it instead of `isthmus proxy`.
+    proxy_bin: Option<PathBuf>,
 }
 
 fn yaml_path(p: &Path) -> String {
@@ -277,6 +280,7 @@ impl Harness {
             stale_lease: Duration::from_secs(30),
             certificate_ttl: Duration::from_secs(24 * 3600),
             relays: None,
+            proxy_bin: None,
         };
         std::fs::create_dir_all(root.join("logs"))?;
         for spec in specs {
@@ -420,6 +424,12 @@ impl Harness {
         self
     }
 
+    /// Runs sidecars with the sidecar-only `isthmus-proxy` binary.
+    pub fn proxy_bin(mut self, bin: &Path) -> Self {
+        self.proxy_bin = Some(bin.to_owned());
+        self
+    }
+
     fn isthmus(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(&self.bin)
             .args(args)
@@ -436,6 +446,16 @@ impl Harness {
     }
 
     fn spawn(&self, cluster: &str, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+        self.spawn_bin(&self.bin, cluster, name, args)
+    }
+
+    fn spawn_bin(
+        &self,
+        bin: &Path,
+        cluster: &str,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Proc> {
         let stderr = match &self.log_dir {
             Some(d) => Stdio::from(
                 std::fs::OpenOptions::new()
@@ -448,10 +468,10 @@ impl Harness {
         let mut cmd = match &self.namespaces {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.of(cluster)]).arg(&self.bin);
+                c.args(["netns", "exec", &ns.of(cluster)]).arg(bin);
                 c
             }
-            None => Command::new(&self.bin),
+            None => Command::new(bin),
         };
         let child = cmd
             .args(args)
@@ -699,11 +719,19 @@ impl Harness {
             (Some(app), None)
         };
         let cfg = yaml_path(&c.dir.join(format!("sidecar-{name}.yaml")));
-        let p = self.spawn(
-            cluster,
-            &format!("{cluster}-{name}"),
-            &["proxy", "--config", &cfg],
-        )?;
+        let p = match &self.proxy_bin {
+            Some(bin) => self.spawn_bin(
+                bin,
+                cluster,
+                &format!("{cluster}-{name}"),
+                &["--config", &cfg],
+            )?,
+            None => self.spawn(
+                cluster,
+                &format!("{cluster}-{name}"),
+                &["proxy", "--config", &cfg],
+            )?,
+        };
         let w = &mut self.cluster_mut(cluster).workloads[i];
         w.app = app;
         w.app_proc = app_proc;

@@ -16,6 +16,7 @@ pub mod lb;
 pub mod outbound;
 pub mod path;
 pub mod routes;
+pub mod run;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,21 +1,11 @@
-//! `isthmus proxy`: the sidecar beside one workload.
+//! `isthmus proxy`: the sidecar beside one workload. The work is
+//! [`isthmus_proxy::run`], shared with the sidecar-only `isthmus-proxy`
+//! binary.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::Args;
-use isthmus_core::backoff::Backoff;
-use isthmus_core::caclient::RemoteSigner;
-use isthmus_core::identity::{CertificateSigner, RotatingCert, SpiffeId, TrustBundle, TrustStore};
-use isthmus_core::model::MeshState;
 use isthmus_core::telemetry::LogControl;
-use isthmus_proto::config::v1::{Node, node::Kind};
-use isthmus_proxy::app::{Deps, build};
-use isthmus_proxy::config::ProxyConfig;
-use tracing::warn;
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
@@ -31,87 +21,5 @@ pub struct ProxyArgs {
 }
 
 pub fn run(args: ProxyArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
-    let config: ProxyConfig = isthmus_core::config::load(&args.config)?;
-    let controller: SocketAddr = config.controller.parse().with_context(|| {
-        format!(
-            "controller {:?} must be an IP:port (the controller's local port, 15010)",
-            config.controller
-        )
-    })?;
-    let Some(token_file) = &config.token_file else {
-        bail!(
-            "tokenFile is required: the sidecar gets its certificate from the controller's CA with a bootstrap token (a line `<token> {}/{}` of the controller's caTokens file)",
-            config.workload.namespace,
-            config.workload.service_account
-        );
-    };
-    let Some(ca_root) = &config.ca_root else {
-        bail!(
-            "caRoot is required: the sidecar checks the controller against this cluster's root certificate before sending it the token (the CA directory's root-cert.pem)"
-        );
-    };
-    let roots = std::fs::read_to_string(ca_root)
-        .with_context(|| format!("cannot read caRoot {}", ca_root.display()))?;
-    let roots = isthmus_core::identity::pem::certs_from_pem(&roots)
-        .map_err(|e| anyhow::anyhow!("caRoot {}: {e}", ca_root.display()))?;
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?
-        .trim()
-        .to_owned();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .thread_name("proxy")
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let w = &config.workload;
-        let ttl = config.certificate_ttl;
-        let id = SpiffeId::workload(&config.cluster.trust_domain, &w.namespace, &w.service_account)?;
-        // This cluster's root until the config stream brings the bundles.
-        let trust = TrustStore::with_bundles([TrustBundle::new(config.cluster.trust_domain.clone(), roots, 0)])?;
-        let controller_id = SpiffeId::controller(&config.cluster.trust_domain, &config.cluster.name.0)?;
-        let expect = isthmus_core::identity::verify::Expect::Exactly(controller_id);
-        let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner {
-            addr: controller,
-            token,
-            tls: isthmus_core::tls::client_config(None, trust.clone(), expect.clone(), &[b"h2"]),
-        });
-        // The controller may start after its sidecars: keep asking.
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let cert = loop {
-            match RotatingCert::issue(id.clone(), signer.as_ref(), ttl, isthmus_core::tls::provider()).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    warn!(identity = %id, error = %e, retry_in = ?wait,
-                        "no certificate yet from the controller's CA (check `controller` and that the token in tokenFile is in its caTokens)");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        };
-        let _renewal = cert.spawn_renewal(signer, ttl);
-        // Bundles (this cluster's and every peer's) come with the config.
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
-        let node = Node {
-            kind: Kind::Sidecar as i32,
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            service_account: w.service_account.clone(),
-            ..Default::default()
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let tls = isthmus_core::tls::client_config(Some(cert.clone()), trust.clone(), expect, &[b"h2"]);
-        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, tls, node, tx, trust.clone(), async move {
-            let _ = stop_rx.await;
-        }));
-        let bound = build(config, Deps { certs: cert, trust, state: rx, logs, access_log: None }).await?;
-        eprintln!(
-            "sidecar running: outbound tcp/{}, inbound tcp/{}, admin {}, metrics {}, readiness {}",
-            bound.outbound_addr, bound.inbound_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
-        );
-        let grace = std::env::var("TERMINATION_GRACE_PERIOD_SECONDS").ok().and_then(|v| v.parse().ok());
-        bound.wait_termination(isthmus_core::signal::drain_deadline(grace)).await;
-        let _ = stop_tx.send(());
-        Ok(())
-    })
+    isthmus_proxy::run::run(&args.config, args.workers, logs)
 }
