@@ -395,8 +395,8 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
 
 /// At startup, ServiceEntries are first written once every peer has sent
 /// its full catalogue, or this long after our own catalogue was listed,
-/// whichever is first: writing
-/// as each peer arrives would rewrite every file once per peer.
+/// whichever is first: writing as each peer arrives would rewrite every
+/// file once per peer.
 pub const INITIAL_SYNC_GRACE: Duration = Duration::from_secs(3);
 
 /// A disconnected peer is marked stale after this long (at most half the
