@@ -14,6 +14,12 @@ fn all() -> ExportPolicy {
     ExportPolicy::default()
 }
 
+/// Starts `a` with `b` as its one peer (seeing everything), trusting `b`.
+async fn start_linked(a: &TestCluster, b: &TestCluster) -> isthmus_federation::app::Bound {
+    a.start(a.config(&[(b, all())], HB, LEASE), &[b.bundle()])
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_import_unexport_and_garbage_collection() {
     let root = tempfile::tempdir().unwrap();
@@ -23,12 +29,8 @@ async fn export_import_unexport_and_garbage_collection() {
         "helloworld.yaml",
         &service_yaml("helloworld", 5000, true, "2026-01-01T00:00:00Z"),
     );
-    let e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
-    let w = west
-        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
-        .await;
+    let e = start_linked(&east, &west).await;
+    let w = start_linked(&west, &east).await;
 
     assert_eventually("east imports helloworld", WAIT, async || {
         east.service_entry("sample", "helloworld").is_some()
@@ -138,12 +140,8 @@ async fn a_restart_loses_nothing_and_rewrites_nothing_unchanged() {
         "helloworld.yaml",
         &service_yaml("helloworld", 5000, true, ""),
     );
-    let e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
-    let _w = west
-        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
-        .await;
+    let e = start_linked(&east, &west).await;
+    let _w = start_linked(&west, &east).await;
     assert_eventually("east imports helloworld", WAIT, async || {
         east.service_entry("sample", "helloworld").is_some()
     })
@@ -156,9 +154,7 @@ async fn a_restart_loses_nothing_and_rewrites_nothing_unchanged() {
 
     e.shutdown(Duration::from_secs(2)).await;
     assert!(file.exists(), "shutting down must not withdraw imports");
-    let e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
+    let e = start_linked(&east, &west).await;
     assert_eventually("east re-synced", WAIT, async || {
         e.status()[0].last_full_sync.is_some()
     })
@@ -187,12 +183,8 @@ async fn a_restarting_exporter_never_makes_its_peer_withdraw_imports() {
         .map(|i| service_yaml(&format!("svc-{i}"), 5000, true, ""))
         .collect();
     west.write("services.yaml", &yaml.join("---\n"));
-    let e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
-    let w = west
-        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
-        .await;
+    let e = start_linked(&east, &west).await;
+    let w = start_linked(&west, &east).await;
     let imported = || e.mesh.borrow().imported.len();
     assert_eventually(
         "east imports all of west's services",
@@ -203,9 +195,7 @@ async fn a_restarting_exporter_never_makes_its_peer_withdraw_imports() {
     let synced_before = e.status()[0].last_full_sync.clone();
 
     w.shutdown(Duration::from_secs(2)).await;
-    let w = west
-        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
-        .await;
+    let w = start_linked(&west, &east).await;
     // Watch east's mesh state through the restart until west's new
     // snapshot has landed, and a few passes after.
     let deadline = std::time::Instant::now() + WAIT * 3;
@@ -275,9 +265,7 @@ async fn peers_with_an_unknown_root_or_another_clusters_name_are_refused() {
     std::fs::create_dir_all(&impostor.dir).unwrap();
     impostor.federation = west.federation;
     impostor.write("svc.yaml", &service_yaml("stolen", 80, true, ""));
-    let e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
+    let e = start_linked(&east, &west).await;
     let _i = impostor
         .start(
             impostor.config(&[(&east, all())], HB, LEASE),
@@ -377,12 +365,8 @@ async fn a_broken_manifest_in_the_exporting_cluster_withdraws_nothing() {
         "helloworld.yaml",
         &service_yaml("helloworld", 5000, true, ""),
     );
-    let _e = east
-        .start(east.config(&[(&west, all())], HB, LEASE), &[west.bundle()])
-        .await;
-    let _w = west
-        .start(west.config(&[(&east, all())], HB, LEASE), &[east.bundle()])
-        .await;
+    let _e = start_linked(&east, &west).await;
+    let _w = start_linked(&west, &east).await;
     assert_eventually("east imports helloworld", WAIT, async || {
         east.service_entry("sample", "helloworld").is_some()
     })
