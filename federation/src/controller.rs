@@ -430,6 +430,7 @@ pub async fn reconcile_loop(
     let mut local_dirty = true;
     let mut last_imports: Option<Arc<Imports>> = None;
     let mut local_cache: Option<LocalCache> = None;
+    let mut last_inputs: Option<(Arc<Catalog>, Vec<PeerCatalog>)> = None;
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
@@ -498,8 +499,23 @@ pub async fn reconcile_loop(
             // workers (rendering and writing files is the sink task's).
             // Before the initial sync, a pass for our own catalogue's
             // change keeps the last merge (see above).
+            // What a merge reads; when it is what the last merge read (a
+            // peer only connected or disconnected), the last merge stands.
+            // Catalogues compare by identity (a snapshot or delta makes a
+            // new one); the last inputs are held, so no address is reused.
+            let same_inputs = last_inputs.as_ref().is_some_and(|(c, last)| {
+                Arc::ptr_eq(c, &cat)
+                    && last.len() == peers.len()
+                    && last.iter().zip(&peers).all(|(a, b)| {
+                        a.cluster == b.cluster
+                            && Arc::ptr_eq(&a.exports, &b.exports)
+                            && a.stale == b.stale
+                            && a.locality == b.locality
+                    })
+            });
+            let inputs = peers.clone();
             let imports = match last_imports.take() {
-                Some(prev) if !initial_sync_done => prev,
+                Some(prev) if !initial_sync_done || same_inputs => prev,
                 _ => {
                     let (cluster, cat) = (shared.cluster.clone(), cat.clone());
                     let merge_started = std::time::Instant::now();
@@ -515,6 +531,7 @@ pub async fn reconcile_loop(
                 }
             };
             last_imports = Some(imports.clone());
+            last_inputs = Some((cat.clone(), inputs));
             for c in &imports.conflicts {
                 tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
             }

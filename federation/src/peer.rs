@@ -640,7 +640,12 @@ async fn handle(
             }
             {
                 let mut i = peer.lock();
-                i.imports = Some(Arc::new(next));
+                // A snapshot equal to what we hold (a reconnect, a
+                // restarted peer) keeps the held set, so nothing
+                // downstream sees a change and no merge runs.
+                if i.imports.as_deref() != Some(&next) {
+                    i.imports = Some(Arc::new(next));
+                }
                 i.applied = Some((s.epoch.clone(), s.revision));
                 i.stale = false;
                 i.last_full_sync = Some(SystemTime::now());
