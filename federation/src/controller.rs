@@ -464,8 +464,11 @@ pub async fn reconcile_loop(
                 listed_at = Some(tokio::time::Instant::now());
             }
             let all_synced = all_peers.iter().all(|p| p.lock().last_full_sync.is_some());
-            initial_sync_done =
-                all_synced || listed_at.is_some_and(|t| t.elapsed() >= INITIAL_SYNC_GRACE);
+            // A source that never lists does not hold peers' imports back
+            // for ever (nothing is written until it lists, see below).
+            initial_sync_done = all_synced
+                || listed_at.is_some_and(|t| t.elapsed() >= INITIAL_SYNC_GRACE)
+                || started.elapsed() >= INITIAL_SYNC_GRACE * 10;
             if initial_sync_done {
                 dirty = true;
                 info!(after = ?started.elapsed(), peers_synced = all_synced, "initial sync done; writing ServiceEntries");

@@ -318,6 +318,9 @@ impl FilesSource {
             })
             .await
             else {
+                tracing::error!(
+                    "the files source stopped: a scan of the manifests panicked (the last good state stays; restart the controller, and report the panic message above)"
+                );
                 return;
             };
             self = back;

@@ -135,6 +135,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_changes_is_published_whole() {
+        let (mut store, mut rx) = Store::new();
+        store.apply_batch([Event::Init, Event::InitApply(obj("a")), Event::InitDone]);
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        // Changes in one batch: one publication with all of them.
+        store.apply_batch([
+            Event::Apply(obj("b")),
+            Event::Apply(obj("c")),
+            Event::Delete(obj("a").key.clone()),
+        ]);
+        assert!(rx.has_changed().unwrap());
+        let names: Vec<_> = rx
+            .borrow_and_update()
+            .keys()
+            .map(|k| k.name.clone())
+            .collect();
+        assert_eq!(names, ["b", "c"]);
+        // A batch that changes nothing publishes nothing.
+        store.apply_batch([Event::Apply(obj("b")), Event::Delete(obj("zz").key.clone())]);
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
     fn a_resync_swaps_whole_and_drops_what_it_no_longer_lists() {
         let (mut store, rx) = Store::new();
         store.apply(Event::Init);
