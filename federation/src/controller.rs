@@ -13,9 +13,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use isthmus_core::drain::DrainSignal;
 use isthmus_core::identity::{Role, SpiffeId, TrustBundle, TrustDomain, TrustStore};
-use isthmus_core::model::{
-    ImportedService, LocalService, Locality, MeshState, PeerGateway, ServiceKey,
-};
+use isthmus_core::model::{LocalService, Locality, MeshState, PeerGateway, ServiceKey};
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederation;
 use isthmus_proto::federation::v1::{LinkRequest, LinkResponse, PeerMessage};
@@ -428,9 +426,9 @@ pub async fn reconcile_loop(
     // something changed; ticks only do liveness bookkeeping.
     let mut dirty = true;
     let mut local_dirty = true;
-    let mut last_imports: Option<Arc<Imports>> = None;
+    // The last merge: our catalogue and the peers' it read, and its result.
+    let mut last_merge: Option<(Arc<Catalog>, Vec<PeerCatalog>, Arc<Imports>)> = None;
     let mut local_cache: Option<LocalCache> = None;
-    let mut last_inputs: Option<(Arc<Catalog>, Vec<PeerCatalog>)> = None;
     loop {
         let woke = tokio::time::Instant::now();
         // Liveness bookkeeping.
@@ -499,42 +497,33 @@ pub async fn reconcile_loop(
             // unknown; writing then could flip a conflict and rewrite files.
             let write = cat.listed && initial_sync_done;
             // Merging is blocking work at 10,000 services: off the runtime's
-            // workers (rendering and writing files is the sink task's).
-            // Before the initial sync, a pass for our own catalogue's
-            // change keeps the last merge (see above).
-            // What a merge reads; when it is what the last merge read (a
-            // peer only connected or disconnected), the last merge stands.
-            // Catalogues compare by identity (a snapshot or delta makes a
-            // new one); the last inputs are held, so no address is reused.
-            let same_inputs = last_inputs.as_ref().is_some_and(|(c, last)| {
-                Arc::ptr_eq(c, &cat)
-                    && last.len() == peers.len()
-                    && last.iter().zip(&peers).all(|(a, b)| {
-                        a.cluster == b.cluster
-                            && Arc::ptr_eq(&a.exports, &b.exports)
-                            && a.stale == b.stale
-                            && a.locality == b.locality
-                    })
+            // workers (rendering and writing files is the sink task's). The
+            // last merge stands before the initial sync (see above), and
+            // when its inputs are these (a peer only connected or
+            // disconnected).
+            let reuse = last_merge.as_ref().and_then(|(c, inputs, imports)| {
+                (!initial_sync_done || (Arc::ptr_eq(c, &cat) && same_merge_inputs(inputs, &peers)))
+                    .then(|| imports.clone())
             });
-            let inputs = peers.clone();
-            let imports = match last_imports.take() {
-                Some(prev) if !initial_sync_done || same_inputs => prev,
-                _ => {
-                    let (cluster, cat) = (shared.cluster.clone(), cat.clone());
+            let imports = match reuse {
+                Some(imports) => imports,
+                None => {
+                    let (cluster, cat2, inputs) =
+                        (shared.cluster.clone(), cat.clone(), peers.clone());
                     let merge_started = std::time::Instant::now();
                     let Ok(imports) = tokio::task::spawn_blocking(move || {
-                        merge((&cluster, &cat.exports), &peers)
+                        merge((&cluster, &cat2.exports), &inputs)
                     })
                     .await
                     else {
                         return;
                     };
                     debug!(services = imports.services.len(), took = ?merge_started.elapsed(), "catalogues merged");
-                    Arc::new(imports)
+                    let imports = Arc::new(imports);
+                    last_merge = Some((cat.clone(), peers, imports.clone()));
+                    imports
                 }
             };
-            last_imports = Some(imports.clone());
-            last_inputs = Some((cat.clone(), inputs));
             for c in &imports.conflicts {
                 tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
             }
@@ -621,7 +610,7 @@ pub async fn reconcile_loop(
             // the config stream serves) and the next merge never wait for
             // disk, and a slow disk coalesces to the newest state.
             if write {
-                to_sink.send_replace(Some((woke, Arc::new(imports.services.clone()))));
+                to_sink.send_replace(Some((woke, imports.clone())));
             }
         }
         tokio::select! {
@@ -642,6 +631,19 @@ pub async fn reconcile_loop(
     }
 }
 
+/// Whether a merge of `now` would read what `last` was: the same peers'
+/// catalogues by identity (a snapshot or delta makes a new one; `last`
+/// holds them, so no address is reused), staleness and locality.
+fn same_merge_inputs(last: &[PeerCatalog], now: &[PeerCatalog]) -> bool {
+    last.len() == now.len()
+        && last.iter().zip(now).all(|(a, b)| {
+            a.cluster == b.cluster
+                && Arc::ptr_eq(&a.exports, &b.exports)
+                && a.stale == b.stale
+                && a.locality == b.locality
+        })
+}
+
 /// The local part of the last mesh state, with the catalogue and peers'
 /// policies it was built from.
 type LocalCache = (
@@ -652,10 +654,7 @@ type LocalCache = (
 
 /// The imported services to write, and when the change that produced
 /// them was picked up.
-type SinkInput = Option<(
-    tokio::time::Instant,
-    Arc<BTreeMap<ServiceKey, Arc<ImportedService>>>,
-)>;
+type SinkInput = Option<(tokio::time::Instant, Arc<Imports>)>;
 
 /// Writes the ServiceEntries of the newest merged state. A pass renders
 /// and writes only the services that differ from what the files hold;
@@ -667,7 +666,7 @@ async fn sink_loop(
     gateway: SocketAddr,
     mut input: watch::Receiver<SinkInput>,
 ) {
-    let mut written: Option<Arc<BTreeMap<ServiceKey, Arc<ImportedService>>>> = None;
+    let mut written: Option<Arc<Imports>> = None;
     let writer = match BackgroundThread::start("isthmus-sink") {
         Ok(w) => w,
         Err(e) => {
@@ -688,19 +687,25 @@ async fn sink_loop(
         let Some(outcome) = writer
             .run(move || match &last {
                 None => {
-                    let entries: Vec<serde_json::Value> =
-                        pass.values().map(|s| service_entry(s, gateway)).collect();
+                    let entries: Vec<serde_json::Value> = pass
+                        .services
+                        .values()
+                        .map(|s| service_entry(s, gateway))
+                        .collect();
                     Some(sink2.apply(&entries))
                 }
+                Some(prev) if Arc::ptr_eq(prev, &pass) => None,
                 Some(prev) => {
                     let upserts: Vec<serde_json::Value> = pass
+                        .services
                         .iter()
-                        .filter(|(k, s)| prev.get(*k) != Some(*s))
+                        .filter(|(k, s)| prev.services.get(*k) != Some(*s))
                         .map(|(_, s)| service_entry(s, gateway))
                         .collect();
                     let removed: Vec<(String, String)> = prev
+                        .services
                         .keys()
-                        .filter(|k| !pass.contains_key(*k))
+                        .filter(|k| !pass.services.contains_key(*k))
                         .map(|k| (k.namespace.clone(), service_entry_name(k)))
                         .collect();
                     (!upserts.is_empty() || !removed.is_empty())

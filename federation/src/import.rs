@@ -304,15 +304,17 @@ impl FilesSink {
             report.written.push(file);
         }
         for (ns, name) in removed {
-            let file = format!("{ns}.{name}.yaml");
-            if written.remove(&file).is_none() {
+            let file = file_name(ns, name);
+            if !written.contains_key(&file) {
                 continue;
             }
+            // Forgotten only once gone: a failed delete is retried.
             match std::fs::remove_file(self.dir.join(&file)) {
-                Ok(()) => report.deleted.push(file),
+                Ok(()) => report.deleted.push(file.clone()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
+            written.remove(&file);
         }
         Ok(report)
     }
@@ -326,7 +328,12 @@ fn render(e: &serde_json::Value) -> std::io::Result<(String, String)> {
         "# Written by Isthmus; edits are overwritten. Delete the ServiceExport in the\n# exporting cluster to withdraw it.\n{}",
         serde_saphyr::to_string(e).map_err(std::io::Error::other)?
     );
-    Ok((format!("{ns}.{name}.yaml"), text))
+    Ok((file_name(ns, name), text))
+}
+
+/// The file a ServiceEntry is written to.
+fn file_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}.yaml")
 }
 
 /// Reads back the ServiceEntries a previous run wrote, as each exporting
