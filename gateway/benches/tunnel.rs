@@ -7,7 +7,13 @@
 //! backend. The client sends a real TLS ClientHello first (the gateways
 //! route on it) and then raw bytes: gateways never look past the
 //! ClientHello, so this measures exactly their cost. Every figure is the
-//! median of several runs; the machine is shared and noisy.
+//! median of several runs; the machine is shared and noisy. The warm
+//! round trips take the direct path, the gateways and two plain TCP
+//! relays (the floor any two userspace hops cost here) in turn.
+//!
+//! `ISTHMUS_BENCH_QUICK=1`: throughput only; `ISTHMUS_BENCH_LATENCY=1`:
+//! latency only; `ISTHMUS_BENCH_MTU=N`: QUIC packet size;
+//! `ISTHMUS_BENCH_WORKERS=N`: the gateways' runtime threads (default 2).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +86,8 @@ struct Paths {
     /// Where the client connects: a backend directly, or east's gateway.
     sink: SocketAddr,
     echo: SocketAddr,
+    /// The echo backend behind two plain TCP relays (the floor).
+    relayed_echo: SocketAddr,
 }
 
 async fn open(addr: SocketAddr, hello: &[u8]) -> TcpStream {
@@ -120,22 +128,51 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn round_trips(addr: SocketAddr, hello: &[u8], size: usize) -> Vec<Duration> {
-    let mut s = open(addr, hello).await;
-    let mut back = vec![0u8; hello.len()];
-    s.read_exact(&mut back).await.unwrap();
+/// Warm round trips of `size` bytes on one connection per path, taken
+/// in turn (one on each path, then the next), so every path sees the
+/// same moments of this shared machine: a drift in its wake-up times
+/// cannot land on one path's series only. One series per path.
+async fn round_trips(paths: &[SocketAddr], hello: &[u8], size: usize) -> Vec<Vec<Duration>> {
+    let mut conns = Vec::new();
+    for &addr in paths {
+        let mut s = open(addr, hello).await;
+        let mut back = vec![0u8; hello.len()];
+        s.read_exact(&mut back).await.unwrap();
+        conns.push(s);
+    }
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
-    let mut out = Vec::with_capacity(ROUND_TRIPS);
+    let mut out = vec![Vec::with_capacity(ROUND_TRIPS); paths.len()];
     for i in 0..ROUND_TRIPS + 200 {
-        let t = Instant::now();
-        s.write_all(&msg).await.unwrap();
-        s.read_exact(&mut buf).await.unwrap();
-        if i >= 200 {
-            out.push(t.elapsed());
+        for (s, out) in conns.iter_mut().zip(&mut out) {
+            let t = Instant::now();
+            s.write_all(&msg).await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            if i >= 200 {
+                out.push(t.elapsed());
+            }
         }
     }
     out
+}
+
+/// A plain TCP relay (accept, connect on, copy both ways): what any
+/// userspace hop costs on this machine, without QUIC, TLS or routing.
+async fn relay(to: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut a, _) = l.accept().await.unwrap();
+            a.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut b = TcpStream::connect(to).await.unwrap();
+                b.set_nodelay(true).unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    addr
 }
 
 async fn new_connections(addr: SocketAddr, hello: &[u8]) -> Vec<Duration> {
@@ -150,10 +187,11 @@ async fn new_connections(addr: SocketAddr, hello: &[u8]) -> Vec<Duration> {
     out
 }
 
-async fn measure(direct: Paths, via: Paths, hello_sink: Vec<u8>, hello_echo: Vec<u8>, quick: bool) {
+async fn measure(direct: Paths, via: Paths, hello_sink: Vec<u8>, hello_echo: Vec<u8>, mode: Mode) {
     println!("| measure | direct | through gateways | ratio / added |");
     println!("| --- | --- | --- | --- |");
-    for conns in [1usize, 8] {
+    let conns: &[usize] = if mode == Mode::Latency { &[] } else { &[1, 8] };
+    for &conns in conns {
         let mut d = Vec::new();
         let mut g = Vec::new();
         let mut cpu = Vec::new();
@@ -173,31 +211,33 @@ async fn measure(direct: Paths, via: Paths, hello_sink: Vec<u8>, hello_echo: Vec
             g / d
         );
     }
-    if quick {
+    if mode == Mode::Throughput {
         return;
     }
     for size in [1usize, 1024] {
-        let mut d50 = Vec::new();
-        let mut d99 = Vec::new();
-        let mut g50 = Vec::new();
-        let mut g99 = Vec::new();
+        // p50 and p99 of each run, per path: direct, gateways, relays.
+        let mut p50 = [Vec::new(), Vec::new(), Vec::new()];
+        let mut p99 = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..RUNS {
-            let mut d = round_trips(direct.echo, &hello_echo, size).await;
-            let mut g = round_trips(via.echo, &hello_echo, size).await;
-            d50.push(us(pct(&mut d, 0.5)));
-            d99.push(us(pct(&mut d, 0.99)));
-            g50.push(us(pct(&mut g, 0.5)));
-            g99.push(us(pct(&mut g, 0.99)));
+            let runs = round_trips(
+                &[direct.echo, via.echo, via.relayed_echo],
+                &hello_echo,
+                size,
+            )
+            .await;
+            for (i, mut r) in runs.into_iter().enumerate() {
+                p50[i].push(us(pct(&mut r, 0.5)));
+                p99[i].push(us(pct(&mut r, 0.99)));
+            }
         }
-        let (d50, d99, g50, g99) = (median(d50), median(d99), median(g50), median(g99));
-        println!(
-            "| warm round trip {size} B, p50 | {d50:.1} µs | {g50:.1} µs | +{:.1} µs |",
-            g50 - d50
-        );
-        println!(
-            "| warm round trip {size} B, p99 | {d99:.1} µs | {g99:.1} µs | +{:.1} µs |",
-            g99 - d99
-        );
+        for (q, runs) in [("p50", p50), ("p99", p99)] {
+            let [d, g, r] = runs.map(median);
+            println!(
+                "| warm round trip {size} B, {q} | {d:.1} µs | {g:.1} µs | +{:.1} µs (two plain TCP relays: +{:.1} µs) |",
+                g - d,
+                r - d
+            );
+        }
     }
     let mut d50 = Vec::new();
     let mut g50 = Vec::new();
@@ -250,9 +290,24 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// What one pass measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    All,
+    Throughput,
+    Latency,
+}
+
 fn main() {
-    // ISTHMUS_BENCH_QUICK=1: only bulk throughput, for quick iteration.
-    let quick = std::env::var_os("ISTHMUS_BENCH_QUICK").is_some();
+    // ISTHMUS_BENCH_QUICK=1: only bulk throughput, for quick iteration;
+    // ISTHMUS_BENCH_LATENCY=1: only the warm and new-connection latency.
+    let mode = if std::env::var_os("ISTHMUS_BENCH_QUICK").is_some() {
+        Mode::Throughput
+    } else if std::env::var_os("ISTHMUS_BENCH_LATENCY").is_some() {
+        Mode::Latency
+    } else {
+        Mode::All
+    };
     // ISTHMUS_BENCH_MTU=N: QUIC packet size (maxUdpPayload). Loopback's
     // MTU is 65,536 and direct TCP uses 64 KiB segments on it, so the
     // tunnel gets the largest packets the gateway takes; a second,
@@ -262,17 +317,22 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(isthmus_gateway::config::MAX_UDP_PAYLOAD);
     println!("\nQUIC maxUdpPayload = {mtu}\n");
-    run(mtu, quick);
+    run(mtu, mode);
     let default = isthmus_gateway::config::DEFAULT_MAX_UDP_PAYLOAD;
-    if mtu != default {
+    if mtu != default && mode != Mode::Latency {
         println!("\nQUIC maxUdpPayload = {default} (the default, for Ethernet paths)\n");
-        run(default, true);
+        run(default, Mode::Throughput);
     }
 }
 
-fn run(max_udp_payload: u16, quick: bool) {
+fn run(max_udp_payload: u16, mode: Mode) {
+    // ISTHMUS_BENCH_WORKERS=N: the gateways' runtime threads (default 2).
+    let workers = std::env::var("ISTHMUS_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
@@ -320,13 +380,16 @@ fn run(max_udp_payload: u16, quick: bool) {
         let hello_echo = client_hello(&format!(
             "outbound_.{SVC_PORT}_._.echo.sample.svc.cluster.local"
         ));
+        let relayed_echo = relay(relay(echo_addr).await).await;
         let direct = Paths {
             sink: sink_addr,
             echo: echo_addr,
+            relayed_echo,
         };
         let via = Paths {
             sink: east.sidecar_addr,
             echo: east.sidecar_addr,
+            relayed_echo,
         };
 
         // The client runs on a thread and runtime of its own, like a
@@ -336,7 +399,7 @@ fn run(max_udp_payload: u16, quick: bool) {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(measure(direct, via, hello_sink, hello_echo, quick));
+            rt.block_on(measure(direct, via, hello_sink, hello_echo, mode));
         });
         while !client.is_finished() {
             tokio::time::sleep(Duration::from_millis(20)).await;
