@@ -12,7 +12,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use isthmus_e2e::load::{Run, cpu_seconds, env, median, rss_kib, wrk};
+use isthmus_e2e::load::{
+    Run, cpu_seconds, env, median, relay_thread, rss_kib, stat_cpu_seconds, wrk,
+};
 use isthmus_e2e::{ClusterSpec, Harness};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -51,9 +53,15 @@ async fn main() {
         ("client sidecar", client.sidecar.as_ref().unwrap().pid()),
         ("server sidecar", server.sidecar.as_ref().unwrap().pid()),
     ];
-    // Warm up both paths (connections, pools).
+    // The floor: the same two hops made by plain TCP relays (copy both
+    // ways; no HTTP, TLS or policy), each on a thread of its own.
+    let (relay_b, relay_b_stat) = relay_thread(direct);
+    let (relayed, relay_a_stat) = relay_thread(relay_b);
+    let relay_stats = [relay_a_stat, relay_b_stat];
+    // Warm up the paths (connections, pools).
     wrk(direct, host, 2, 10, None);
     wrk(proxied, host, 2, 10, None);
+    wrk(relayed, host, 2, 10, None);
 
     if std::env::var_os("ISTHMUS_BENCH_PROBE").is_some() {
         for _ in 0..1 {
@@ -88,7 +96,9 @@ async fn main() {
     let mut fixed_proxy = Vec::new();
     let mut max_direct = Vec::new();
     let mut max_proxy = Vec::new();
+    let mut fixed_relay = Vec::new();
     let mut cpu = [Vec::new(), Vec::new()];
+    let mut relay_cpu = Vec::new();
     for round in 0..rounds {
         // Fixed rate: 10 connections each sending every 10 ms ≈ 1000 rps.
         fixed_direct.push(wrk(direct, host, seconds, 10, Some(10)));
@@ -102,12 +112,21 @@ async fn main() {
             cpu[i].push(used / wall / (r.rps / 1000.0));
         }
         fixed_proxy.push(r);
+        let before: Vec<f64> = relay_stats.iter().map(|s| stat_cpu_seconds(s)).collect();
+        let t = Instant::now();
+        let r = wrk(relayed, host, seconds, 10, Some(10));
+        let wall = t.elapsed().as_secs_f64();
+        for (i, s) in relay_stats.iter().enumerate() {
+            relay_cpu.push((stat_cpu_seconds(s) - before[i]) / wall / (r.rps / 1000.0));
+        }
+        fixed_relay.push(r);
         max_direct.push(wrk(direct, host, seconds, 32, None));
         max_proxy.push(wrk(proxied, host, seconds, 32, None));
         eprintln!(
-            "round {round}: fixed direct {:?}\n         fixed proxied {:?}\n         max direct {:?}\n         max proxied {:?}",
+            "round {round}: fixed direct {:?}\n         fixed proxied {:?}\n         fixed relayed {:?}\n         max direct {:?}\n         max proxied {:?}",
             fixed_direct.last().unwrap(),
             fixed_proxy.last().unwrap(),
+            fixed_relay.last().unwrap(),
             max_direct.last().unwrap(),
             max_proxy.last().unwrap()
         );
@@ -118,11 +137,21 @@ async fn main() {
     );
     println!("| load | path | rps | p50 µs | p90 µs | p99 µs | errors |");
     println!("|---|---|---|---|---|---|---|");
-    for (load, d, p) in [
-        ("~1000 rps", &fixed_direct, &fixed_proxy),
-        ("max (32 conns)", &max_direct, &max_proxy),
+    for (load, paths) in [
+        (
+            "~1000 rps",
+            vec![
+                ("direct", &fixed_direct),
+                ("two sidecars", &fixed_proxy),
+                ("two plain TCP relays (floor)", &fixed_relay),
+            ],
+        ),
+        (
+            "max (32 conns)",
+            vec![("direct", &max_direct), ("two sidecars", &max_proxy)],
+        ),
     ] {
-        for (name, runs) in [("direct", d), ("two sidecars", p)] {
+        for (name, runs) in paths {
             println!(
                 "| {load} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
                 m(runs, |r| r.rps),
@@ -133,20 +162,29 @@ async fn main() {
             );
         }
     }
-    let added = |f: fn(&Run) -> f64| {
+    let added = |via: &[Run], f: fn(&Run) -> f64| {
         median(
             fixed_direct
                 .iter()
-                .zip(&fixed_proxy)
+                .zip(via)
                 .map(|(d, p)| f(p) - f(d))
                 .collect(),
         ) / 1000.0
     };
+    for (name, via) in [
+        ("two sidecars", &fixed_proxy),
+        ("two plain TCP relays (floor)", &fixed_relay),
+    ] {
+        println!(
+            "\nAdded latency at ~1000 rps, {name} minus direct, same round: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+            added(via, |r| r.p50),
+            added(via, |r| r.p90),
+            added(via, |r| r.p99)
+        );
+    }
     println!(
-        "\nAdded latency at ~1000 rps (proxied minus direct, same round): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
-        added(|r| r.p50),
-        added(|r| r.p90),
-        added(|r| r.p99)
+        "Plain TCP relay (floor): {:.3} vCPU per 1000 rps per relay",
+        median(relay_cpu.clone())
     );
     println!(
         "Max-rate throughput ratio (two sidecars / direct): {:.2}",

@@ -85,7 +85,13 @@ pub fn wrk(target: SocketAddr, host: &str, seconds: u64, conns: u32, delay_ms: O
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) from a `stat` file of /proc: a
+/// process's, or one thread's (`/proc/<pid>/task/<tid>/stat`).
+pub fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
@@ -117,4 +123,43 @@ pub fn pss_private_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("Pss:"), field("Private_Dirty:"))
+}
+
+/// A plain TCP relay on a thread of its own (a one-thread runtime, as a
+/// one-worker sidecar process has): accepts, connects to `to`, copies
+/// both ways, nothing else. The floor that any userspace hop costs on
+/// this machine, to set a proxy's figures against. Returns its address
+/// and its thread's `stat` file, for its CPU time.
+pub fn relay_thread(to: SocketAddr) -> (SocketAddr, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            tx.send(format!("{}/stat", me.display())).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((mut a, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(mut b) = tokio::net::TcpStream::connect(to).await else {
+                            return;
+                        };
+                        let _ = a.set_nodelay(true);
+                        let _ = b.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    });
+                }
+            });
+        })
+        .unwrap();
+    // /proc/thread-self reads as "<pid>/task/<tid>".
+    let stat = format!("/proc/{}", rx.recv().unwrap());
+    (addr, stat)
 }
