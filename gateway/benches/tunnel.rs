@@ -9,7 +9,8 @@
 //! ClientHello, so this measures exactly their cost. Every figure is the
 //! median of several runs; the machine is shared and noisy. The warm
 //! round trips take the direct path, the gateways and two plain TCP
-//! relays (the floor any two userspace hops cost here) in turn.
+//! relays (the floor any two userspace hops cost here) in alternating
+//! blocks.
 //!
 //! `ISTHMUS_BENCH_QUICK=1`: throughput only; `ISTHMUS_BENCH_LATENCY=1`:
 //! latency only; `ISTHMUS_BENCH_MTU=N`: QUIC packet size;
@@ -128,11 +129,16 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Warm round trips of `size` bytes on one connection per path, taken
-/// in turn (one on each path, then the next), so every path sees the
-/// same moments of this shared machine: a drift in its wake-up times
-/// cannot land on one path's series only. One series per path.
+/// Warm round trips of `size` bytes on one connection per path, in
+/// blocks: a block of consecutive round trips on one path (its first
+/// ones, while caches warm up, not counted), then a block on the next,
+/// and round again. Each path runs warm, as a busy connection does, and
+/// all paths share the same stretches of this shared machine: a drift in
+/// its wake-up times cannot land on one path's series only. One series
+/// per path.
 async fn round_trips(paths: &[SocketAddr], hello: &[u8], size: usize) -> Vec<Vec<Duration>> {
+    const BLOCKS: usize = 6;
+    const WARM: usize = 50;
     let mut conns = Vec::new();
     for &addr in paths {
         let mut s = open(addr, hello).await;
@@ -143,13 +149,15 @@ async fn round_trips(paths: &[SocketAddr], hello: &[u8], size: usize) -> Vec<Vec
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
     let mut out = vec![Vec::with_capacity(ROUND_TRIPS); paths.len()];
-    for i in 0..ROUND_TRIPS + 200 {
+    for _ in 0..BLOCKS {
         for (s, out) in conns.iter_mut().zip(&mut out) {
-            let t = Instant::now();
-            s.write_all(&msg).await.unwrap();
-            s.read_exact(&mut buf).await.unwrap();
-            if i >= 200 {
-                out.push(t.elapsed());
+            for i in 0..WARM + ROUND_TRIPS / BLOCKS {
+                let t = Instant::now();
+                s.write_all(&msg).await.unwrap();
+                s.read_exact(&mut buf).await.unwrap();
+                if i >= WARM {
+                    out.push(t.elapsed());
+                }
             }
         }
     }
