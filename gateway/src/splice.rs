@@ -23,6 +23,9 @@ pub struct Moved {
 }
 
 const CHUNK: usize = 64 * 1024;
+/// A read gets at least this much room; below it the next read starts a
+/// fresh chunk.
+const MIN_READ: usize = 8 * 1024;
 
 /// Runs until both directions are done.
 pub async fn splice(
@@ -36,7 +39,12 @@ pub async fn splice(
         let n = &up_bytes;
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
-            buf.reserve(CHUNK);
+            // Reads fill one chunk until it is nearly full: small writes
+            // (requests, answers) share a chunk instead of each holding
+            // 64 KiB of its own until the peer acknowledges it.
+            if buf.capacity() - buf.len() < MIN_READ {
+                buf.reserve(CHUNK);
+            }
             match tcp_r.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = send.finish();
