@@ -158,13 +158,20 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
         .http2_only(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .build(http);
+    let principal = identity
+        .to_string()
+        .trim_start_matches("spiffe://")
+        .to_owned();
     let ctx = Arc::new(Ctx {
         cluster: config.cluster.name.0.clone(),
         workload: w.clone(),
-        principal: identity
-            .to_string()
-            .trim_start_matches("spiffe://")
-            .to_owned(),
+        own: crate::OwnLabels {
+            cluster: config.cluster.name.0.as_str().into(),
+            workload: w.name.as_str().into(),
+            namespace: w.namespace.as_str().into(),
+            principal: principal.as_str().into(),
+        },
+        principal,
         identity: identity.clone(),
         table: table_rx.clone(),
         lb: lb::Balancers::new(locality, config.gateway, metrics.clone()),

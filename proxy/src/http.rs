@@ -162,7 +162,9 @@ pub fn request_id() -> String {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{x:02x}"));
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        s.push(char::from(HEX[usize::from(x >> 4)]));
+        s.push(char::from(HEX[usize::from(x & 0x0f)]));
     }
     s
 }
@@ -202,15 +204,15 @@ impl Record {
             start: Instant::now(),
             labels: RequestLabels {
                 reporter,
-                source_workload: "unknown".into(),
-                source_workload_namespace: "unknown".into(),
-                source_principal: "unknown".into(),
-                source_cluster: "unknown".into(),
-                destination_service: "unknown".into(),
-                destination_service_name: "unknown".into(),
-                destination_service_namespace: "unknown".into(),
-                destination_workload: "unknown".into(),
-                destination_cluster: "unknown".into(),
+                source_workload: crate::telemetry::unknown(),
+                source_workload_namespace: crate::telemetry::unknown(),
+                source_principal: crate::telemetry::unknown(),
+                source_cluster: crate::telemetry::unknown(),
+                destination_service: crate::telemetry::unknown(),
+                destination_service_name: crate::telemetry::unknown(),
+                destination_service_namespace: crate::telemetry::unknown(),
+                destination_workload: crate::telemetry::unknown(),
+                destination_cluster: crate::telemetry::unknown(),
                 request_protocol: if is_grpc { "grpc" } else { protocol },
                 response_code: 0,
                 response_flags: crate::telemetry::flags::NONE,
@@ -304,4 +306,34 @@ pub fn parse_peer_header(v: &HeaderValue) -> PeerMeta {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id;
+
+    #[test]
+    fn request_ids_are_random_uuid_v4() {
+        let a = request_id();
+        let b = request_id();
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let groups: Vec<&str> = id.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12],
+                "{id}"
+            );
+            assert!(
+                id.chars()
+                    .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)),
+                "{id}"
+            );
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!(
+                matches!(&groups[3][..1], "8" | "9" | "a" | "b"),
+                "RFC 4122 variant: {id}"
+            );
+        }
+    }
 }

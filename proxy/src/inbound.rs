@@ -174,8 +174,8 @@ async fn forward(
     id: Option<&SpiffeId>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    rec.labels.destination_workload = ctx.workload.name.clone();
-    rec.labels.destination_cluster = ctx.cluster.clone();
+    rec.labels.destination_workload = ctx.own.workload.clone();
+    rec.labels.destination_cluster = ctx.own.cluster.clone();
     rec.request_id = parts
         .headers
         .get("x-request-id")
@@ -196,11 +196,10 @@ async fn forward(
         .unwrap_or_default();
     rec.authority = authority.clone();
     if let Some((host, _)) = split_authority(&authority) {
-        rec.labels.destination_service = host.to_owned();
+        rec.labels.destination_service = host.into();
         if let Some((name, rest)) = host.split_once('.') {
-            rec.labels.destination_service_name = name.to_owned();
-            rec.labels.destination_service_namespace =
-                rest.split('.').next().unwrap_or("").to_owned();
+            rec.labels.destination_service_name = name.into();
+            rec.labels.destination_service_namespace = rest.split('.').next().unwrap_or("").into();
         }
     }
     let principal = id.map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
@@ -214,18 +213,18 @@ async fn forward(
     match id {
         Some(_) => {
             rec.labels.connection_security_policy = "mutual_tls";
-            rec.labels.source_principal = principal.clone().unwrap_or_default();
+            rec.labels.source_principal = principal.as_deref().unwrap_or_default().into();
             if let Some(ns) = &source_ns {
-                rec.labels.source_workload_namespace = ns.clone();
+                rec.labels.source_workload_namespace = ns.as_str().into();
             }
             if let Some(v) = parts.headers.get(PEER_HEADER) {
                 let meta = parse_peer_header(v);
                 app_h2 = meta.h2;
                 if let Some(c) = meta.cluster {
-                    rec.labels.source_cluster = c;
+                    rec.labels.source_cluster = c.into();
                 }
                 if let Some(w) = meta.workload {
-                    rec.labels.source_workload = w;
+                    rec.labels.source_workload = w.into();
                 }
             }
         }

@@ -46,6 +46,45 @@ impl Target {
     }
 }
 
+/// A target while a pick weighs it, borrowed from the mesh state: only
+/// the one chosen is copied out, so a pick costs the same allocations
+/// whether the service has one endpoint or a thousand.
+#[derive(Debug, Clone, Copy)]
+enum Cand<'a> {
+    Local {
+        addr: SocketAddr,
+        workload: &'a str,
+        locality: &'a Locality,
+    },
+    Remote {
+        gateway: SocketAddr,
+    },
+}
+
+impl Cand<'_> {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Cand::Local { addr, .. } => *addr,
+            Cand::Remote { gateway } => *gateway,
+        }
+    }
+
+    fn owned(&self) -> Target {
+        match *self {
+            Cand::Local {
+                addr,
+                workload,
+                locality,
+            } => Target::Local {
+                addr,
+                workload: workload.to_owned(),
+                locality: locality.clone(),
+            },
+            Cand::Remote { gateway } => Target::Remote { gateway },
+        }
+    }
+}
+
 /// Why nothing could be picked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoTarget {
@@ -200,7 +239,7 @@ impl Balancers {
     }
 
     /// Picks the next target.
-    pub fn pick(&self, state: &MeshState, want: &Want<'_>) -> Result<Target, NoTarget> {
+    pub fn pick<'s>(&self, state: &'s MeshState, want: &Want<'_>) -> Result<Target, NoTarget> {
         let lb = self.service(want.key);
         let now = Instant::now();
         let eps = lb.endpoints.lock().unwrap_or_else(|e| e.into_inner());
@@ -211,9 +250,9 @@ impl Balancers {
                     .is_none_or(|e| e.ejected_until.is_none_or(|t| t <= now))
         };
         // Local candidates by tier (and all of them, for `distribute`).
-        let mut all_locals: Vec<Target> = Vec::new();
-        let mut best: Option<(u8, Vec<Target>)> = None;
-        let mut consider = |tier: u8, t: Target| match &mut best {
+        let mut all_locals: Vec<Cand<'s>> = Vec::new();
+        let mut best: Option<(u8, Vec<Cand<'s>>)> = None;
+        let mut consider = |tier: u8, t: Cand<'s>| match &mut best {
             Some((b, list)) if *b == tier => list.push(t),
             Some((b, _)) if *b < tier => {}
             _ => best = Some((tier, vec![t])),
@@ -225,12 +264,12 @@ impl Balancers {
                 }
                 let addr = e.target(want.port);
                 if usable(&addr) {
-                    let t = Target::Local {
+                    let t = Cand::Local {
                         addr,
-                        workload: e.workload.clone(),
-                        locality: e.locality.clone(),
+                        workload: &e.workload,
+                        locality: &e.locality,
                     };
-                    all_locals.push(t.clone());
+                    all_locals.push(t);
                     consider(self.tier(&e.locality), t);
                 }
             }
@@ -261,11 +300,11 @@ impl Balancers {
                 }
             }
             if remote_weight > 0 {
-                consider(tier, Target::Remote { gateway: gw });
+                consider(tier, Cand::Remote { gateway: gw });
             }
         }
         let policy = want.dr.map(|d| d.lb).unwrap_or_default();
-        let choose = |locals: &[&Target]| -> Target {
+        let choose = |locals: &[&Cand<'_>]| -> Target {
             let chosen = match policy {
                 LbPolicy::RoundRobin => {
                     let i = lb.rr.fetch_add(1, Ordering::Relaxed);
@@ -276,11 +315,11 @@ impl Balancers {
                     // Power of two choices on requests in flight.
                     let a = locals[rand::random_range(0..locals.len())];
                     let b = locals[rand::random_range(0..locals.len())];
-                    let load = |t: &Target| eps.get(&t.addr()).map_or(0, |e| e.in_flight);
+                    let load = |t: &Cand<'_>| eps.get(&t.addr()).map_or(0, |e| e.in_flight);
                     if load(b) < load(a) { b } else { a }
                 }
             };
-            chosen.clone()
+            chosen.owned()
         };
         // `localityLbSetting.distribute` for this caller's locality: the
         // share of each target locality among this cluster's endpoints
@@ -291,12 +330,12 @@ impl Balancers {
                 .iter()
                 .find(|(from, _)| locality_matches(from, &self.locality))
         }) {
-            let options: Vec<(u32, Vec<&Target>)> = to
+            let options: Vec<(u32, Vec<&Cand<'_>>)> = to
                 .iter()
                 .map(|(pattern, w)| {
                     let members = all_locals
                         .iter()
-                        .filter(|t| matches!(t, Target::Local { locality, .. } if locality_matches(pattern, locality)))
+                        .filter(|t| matches!(t, Cand::Local { locality, .. } if locality_matches(pattern, locality)))
                         .collect::<Vec<_>>();
                     (*w, members)
                 })
@@ -316,17 +355,14 @@ impl Balancers {
         let Some((_, candidates)) = best else {
             return Err(NoTarget::NoHealthy);
         };
-        let locals: Vec<&Target> = candidates
+        let locals: Vec<&Cand<'_>> = candidates
             .iter()
-            .filter(|t| matches!(t, Target::Local { .. }))
+            .filter(|t| matches!(t, Cand::Local { .. }))
             .collect();
-        if let Some(remote) = candidates
-            .iter()
-            .find(|t| matches!(t, Target::Remote { .. }))
-        {
+        if let Some(remote) = candidates.iter().find(|t| matches!(t, Cand::Remote { .. })) {
             let total = locals.len() as u32 + remote_weight;
             if locals.is_empty() || rand::random_range(0..total) >= locals.len() as u32 {
-                return Ok(remote.clone());
+                return Ok(remote.owned());
             }
         }
         Ok(choose(&locals))

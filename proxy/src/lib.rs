@@ -38,6 +38,8 @@ pub struct Ctx {
     pub identity: SpiffeId,
     /// Istio's principal form of `identity` (no `spiffe://`).
     pub principal: String,
+    /// This workload's own metric label values, made once.
+    pub own: OwnLabels,
     pub table: watch::Receiver<Arc<routes::Table>>,
     pub lb: lb::Balancers,
     pub mesh: upstream::MeshPool,
@@ -50,6 +52,15 @@ pub struct Ctx {
     pub log: telemetry::AccessLog,
     /// Observes the drain; each connection holds it open with `hold()`.
     pub drain: DrainSignal,
+}
+
+/// The label values naming this sidecar's own workload.
+#[derive(Debug, Clone)]
+pub struct OwnLabels {
+    pub cluster: telemetry::Label,
+    pub workload: telemetry::Label,
+    pub namespace: telemetry::Label,
+    pub principal: telemetry::Label,
 }
 
 impl std::fmt::Debug for Ctx {

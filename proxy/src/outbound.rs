@@ -78,10 +78,10 @@ async fn handle(
     original: Option<SocketAddr>,
 ) -> Response<Body> {
     let mut rec = Record::new(Reporter::source, peer, &req);
-    rec.labels.source_workload = ctx.workload.name.clone();
-    rec.labels.source_workload_namespace = ctx.workload.namespace.clone();
-    rec.labels.source_principal = ctx.principal.clone();
-    rec.labels.source_cluster = ctx.cluster.clone();
+    rec.labels.source_workload = ctx.own.workload.clone();
+    rec.labels.source_workload_namespace = ctx.own.namespace.clone();
+    rec.labels.source_principal = ctx.own.principal.clone();
+    rec.labels.source_cluster = ctx.own.cluster.clone();
     let resp = route(&ctx, req, &mut rec, original).await;
     rec.finish(&ctx.metrics, &ctx.log, resp.status());
     resp
@@ -151,9 +151,9 @@ async fn route(
         }
     };
     rec.route = route_name;
-    rec.labels.destination_service = dest.host.clone();
-    rec.labels.destination_service_name = dest.key.name.clone();
-    rec.labels.destination_service_namespace = dest.key.namespace.clone();
+    rec.labels.destination_service = dest.host.as_str().into();
+    rec.labels.destination_service_name = dest.key.name.as_str().into();
+    rec.labels.destination_service_namespace = dest.key.namespace.as_str().into();
     rec.labels.connection_security_policy = "mutual_tls";
 
     if let Some(f) = &fault {
@@ -309,7 +309,7 @@ async fn route(
                 let (mut p, b) = resp.into_parts();
                 strip_hop_by_hop(&mut p.headers);
                 let resp = Response::from_parts(p, incoming(b));
-                if more && retry_status(&retries, status) {
+                if more && retry_status(retries, status) {
                     debug!(status = %status, upstream = %target.addr(), "retrying");
                     tried.push(target.addr());
                     // If no other target is left, this answer is the one
@@ -409,11 +409,11 @@ fn authority_of(
 fn describe_target(rec: &mut Record, t: &Target, ctx: &Ctx) {
     match t {
         Target::Local { workload, .. } => {
-            rec.labels.destination_workload = workload.clone();
-            rec.labels.destination_cluster = ctx.cluster.clone();
+            rec.labels.destination_workload = workload.as_str().into();
+            rec.labels.destination_cluster = ctx.own.cluster.clone();
         }
         Target::Remote { .. } => {
-            rec.labels.destination_workload = "unknown".into();
+            rec.labels.destination_workload = crate::telemetry::unknown();
             rec.labels.destination_cluster = "remote".into();
         }
     }
@@ -469,7 +469,7 @@ async fn passthrough(
     original: Option<SocketAddr>,
     rec: &mut Record,
 ) -> Response<Body> {
-    rec.labels.destination_service = authority.to_owned();
+    rec.labels.destination_service = authority.into();
     rec.labels.destination_cluster = "PassthroughCluster".into();
     rec.labels.connection_security_policy = "none";
     strip_hop_by_hop(&mut parts.headers);

@@ -43,16 +43,20 @@ pub struct Dest {
     pub dr: Option<Arc<DestinationRule>>,
 }
 
-/// What to do with a request.
+/// Istio's retries for a route that names none, shared by every request.
+static DEFAULT_RETRIES: std::sync::LazyLock<Retries> = std::sync::LazyLock::new(Retries::default);
+
+/// What to do with a request (retries and faults borrowed from the
+/// table, which the request holds).
 #[derive(Debug)]
-pub enum Decision {
+pub enum Decision<'t> {
     Mesh {
         dest: Box<Dest>,
         /// `namespace/name` of the VirtualService and the route's name.
         route_name: Option<String>,
         timeout: Option<Duration>,
-        retries: Retries,
-        fault: Option<Fault>,
+        retries: &'t Retries,
+        fault: Option<&'t Fault>,
     },
     /// Not a mesh name: forwarded as is (Istio's ALLOW_ANY passthrough).
     Passthrough,
@@ -152,7 +156,7 @@ impl Table {
         method: &str,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<Decision, String> {
+    ) -> Result<Decision<'_>, String> {
         let (host, port) = split_authority(authority)
             .filter(|(h, _)| valid_host(h))
             .ok_or_else(|| format!("invalid host {authority:?}"))?;
@@ -192,8 +196,8 @@ impl Table {
                     d.and_then(|d| d.port).unwrap_or(port),
                     d.and_then(|d| d.subset.clone()),
                     r.timeout,
-                    r.retries.clone(),
-                    r.fault.clone(),
+                    &r.retries,
+                    r.fault.as_ref(),
                 )
             }
             None if !mesh_name => return Ok(Decision::Passthrough),
@@ -203,7 +207,7 @@ impl Table {
                 port,
                 None,
                 None,
-                Retries::default(),
+                &*DEFAULT_RETRIES,
                 None,
             ),
         };

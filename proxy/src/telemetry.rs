@@ -7,6 +7,7 @@
 //! bounded queue: a slow stdout drops lines (counted), never requests.
 
 use std::io::Write;
+use std::sync::{Arc, LazyLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -22,19 +23,30 @@ pub enum Reporter {
     destination,
 }
 
+/// A label value: shared, so the values a sidecar knows up front (its
+/// own workload, cluster, principal; `unknown`) cost no allocation per
+/// request.
+pub type Label = Arc<str>;
+
+/// The `unknown` label value Istio uses for what is not known.
+pub fn unknown() -> Label {
+    static UNKNOWN: LazyLock<Label> = LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
+
 /// Istio's standard request labels (the ones this sidecar knows).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub destination_workload: String,
-    pub destination_cluster: String,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_cluster: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub destination_workload: Label,
+    pub destination_cluster: Label,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub response_flags: &'static str,
