@@ -28,11 +28,7 @@ use crate::telemetry::{EjectionLabels, Metrics};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A sidecar of this cluster.
-    Local {
-        addr: SocketAddr,
-        workload: String,
-        locality: Locality,
-    },
+    Local { addr: SocketAddr, workload: String },
     /// The local east-west gateway, which picks a remote cluster.
     Remote { gateway: SocketAddr },
 }
@@ -71,14 +67,9 @@ impl Cand<'_> {
 
     fn owned(&self) -> Target {
         match *self {
-            Cand::Local {
-                addr,
-                workload,
-                locality,
-            } => Target::Local {
+            Cand::Local { addr, workload, .. } => Target::Local {
                 addr,
                 workload: workload.to_owned(),
-                locality: locality.clone(),
             },
             Cand::Remote { gateway } => Target::Remote { gateway },
         }

@@ -4,18 +4,25 @@
 //! change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderMap;
 use isthmus_core::model::policy::{Fault, HttpMatch, HttpRoute, Retries, qualify_host};
 use isthmus_core::model::{DestinationRule, MeshState, Scope, ServiceKey, ServicePort};
 
+/// Authorities remembered per table (bounded: they come from requests).
+const PLAIN_CACHE: usize = 4096;
+
 /// The mesh state and an index of VirtualServices by host.
 #[derive(Debug, Default)]
 pub struct Table {
     pub state: Arc<MeshState>,
     vs: HashMap<String, Vec<Arc<isthmus_core::model::VirtualService>>>,
+    /// Mesh authorities no VirtualService routes, as resolved once for
+    /// this table (and the caller namespace they were resolved in): the
+    /// answer depends on nothing else, and a new config is a new table.
+    plain: Mutex<HashMap<String, (String, Arc<Dest>)>>,
 }
 
 impl Table {
@@ -26,7 +33,19 @@ impl Table {
                 vs.entry(h.clone()).or_default().push(v.clone());
             }
         }
-        Self { state, vs }
+        Self {
+            state,
+            vs,
+            plain: Mutex::default(),
+        }
+    }
+
+    fn plain_cached(&self, namespace: &str, authority: &str) -> Option<Arc<Dest>> {
+        let plain = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+        plain
+            .get(authority)
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, d)| d.clone())
     }
 }
 
@@ -51,7 +70,7 @@ static DEFAULT_RETRIES: std::sync::LazyLock<Retries> = std::sync::LazyLock::new(
 #[derive(Debug)]
 pub enum Decision<'t> {
     Mesh {
-        dest: Box<Dest>,
+        dest: Arc<Dest>,
         /// `namespace/name` of the VirtualService and the route's name.
         route_name: Option<String>,
         timeout: Option<Duration>,
@@ -157,6 +176,15 @@ impl Table {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<Decision<'_>, String> {
+        if let Some(dest) = self.plain_cached(namespace, authority) {
+            return Ok(Decision::Mesh {
+                dest,
+                route_name: None,
+                timeout: None,
+                retries: &DEFAULT_RETRIES,
+                fault: None,
+            });
+        }
         let (host, port) = split_authority(authority)
             .filter(|(h, _)| valid_host(h))
             .ok_or_else(|| format!("invalid host {authority:?}"))?;
@@ -227,16 +255,27 @@ impl Table {
                 }
             },
         };
+        // Only a host no VirtualService names is the same for every
+        // request to it (a VirtualService's unmatched requests must be
+        // matched again: the next one may match).
+        let plain = route_name.is_none() && !self.vs.contains_key(&fqdn);
+        let dest = Arc::new(Dest {
+            key,
+            scope,
+            host: dest_host,
+            port: service_port,
+            subset,
+            subset_labels,
+            dr,
+        });
+        if plain {
+            let mut cache = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() < PLAIN_CACHE {
+                cache.insert(authority.to_owned(), (namespace.to_owned(), dest.clone()));
+            }
+        }
         Ok(Decision::Mesh {
-            dest: Box::new(Dest {
-                key,
-                scope,
-                host: dest_host,
-                port: service_port,
-                subset,
-                subset_labels,
-                dr,
-            }),
+            dest,
             route_name,
             timeout,
             retries,
@@ -248,6 +287,103 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use isthmus_core::model::{LocalService, VirtualService};
+
+    fn service(name: &str) -> Arc<LocalService> {
+        Arc::new(LocalService {
+            key: ServiceKey::new("sample", name),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 5000,
+                target_port: 5000,
+                protocol: "TCP".into(),
+            }],
+            endpoints: vec![],
+            exported_to: Default::default(),
+        })
+    }
+
+    fn table() -> Table {
+        let mut state = MeshState::default();
+        for name in ["helloworld", "other"] {
+            state
+                .local
+                .insert(ServiceKey::new("sample", name), service(name));
+        }
+        let vs = VirtualService::from_spec(
+            "sample",
+            "hw",
+            &serde_json::json!({
+                "hosts": ["helloworld"],
+                "http": [{"name": "canary",
+                          "match": [{"headers": {"x-canary": {"exact": "1"}}}],
+                          "route": [{"destination": {"host": "helloworld"}}]}]
+            }),
+        )
+        .unwrap();
+        state
+            .virtual_services
+            .insert("sample/hw".into(), Arc::new(vs));
+        Table::new(Arc::new(state))
+    }
+
+    fn mesh(d: Decision<'_>) -> (Arc<Dest>, Option<String>) {
+        match d {
+            Decision::Mesh {
+                dest, route_name, ..
+            } => (dest, route_name),
+            other => panic!("not routed in the mesh: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_virtual_service_host_is_matched_again_on_every_request() {
+        let t = table();
+        let plain = HeaderMap::new();
+        let mut canary = HeaderMap::new();
+        canary.insert("x-canary", "1".parse().unwrap());
+        for _ in 0..2 {
+            let (_, name) = mesh(
+                t.route("sample", "helloworld:5000", "GET", "/", &plain)
+                    .unwrap(),
+            );
+            assert_eq!(name, None, "no route of the VirtualService matches");
+            let (d, name) = mesh(
+                t.route("sample", "helloworld:5000", "GET", "/", &canary)
+                    .unwrap(),
+            );
+            assert_eq!(name.as_deref(), Some("sample/hw:canary"));
+            assert_eq!(d.host, "helloworld.sample.svc.cluster.local");
+        }
+    }
+
+    #[test]
+    fn a_host_without_virtual_service_resolves_once_per_table_and_namespace() {
+        let t = table();
+        let h = HeaderMap::new();
+        let (a, _) = mesh(t.route("sample", "other:5000", "GET", "/", &h).unwrap());
+        let (b, _) = mesh(t.route("sample", "other:5000", "GET", "/x", &h).unwrap());
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the second request reuses the first's answer"
+        );
+        assert_eq!(
+            (a.host.as_str(), a.port.port),
+            ("other.sample.svc.cluster.local", 5000)
+        );
+        // Another caller namespace resolves the short name there.
+        assert!(matches!(
+            t.route("prod", "other:5000", "GET", "/", &h).unwrap(),
+            Decision::NotFound(_)
+        ));
+        // A new table (a new config) answers afresh.
+        let (c, _) = mesh(
+            table()
+                .route("sample", "other:5000", "GET", "/", &h)
+                .unwrap(),
+        );
+        assert!(!Arc::ptr_eq(&a, &c));
+    }
 
     #[test]
     fn authorities_split() {
