@@ -142,7 +142,8 @@ async fn route(
             fault,
         } => (dest, route_name, timeout, retries, fault),
         Decision::Passthrough => {
-            return passthrough(ctx, parts, body, &authority, original, rec).await;
+            // Boxed, so the mesh path's future does not carry its size.
+            return Box::pin(passthrough(ctx, parts, body, &authority, original, rec)).await;
         }
         Decision::NotFound(why) => {
             rec.labels.response_flags = flags::NO_ROUTE;

@@ -105,7 +105,10 @@ impl MeshPool {
         if let Some(s) = self.cached(key, max_age) {
             return Ok(s);
         }
-        let s = self.connect(key).await?;
+        // Boxed: a connect (TCP, TLS handshake, HTTP/2 handshake) is a
+        // large future, and inline it would make every request's future,
+        // moved and polled on each request, that much larger too.
+        let s = Box::pin(self.connect(key)).await?;
         // A replaced connection finishes its requests in flight, then
         // closes (its last sender is dropped).
         self.conns
