@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use isthmus_e2e::load::{
-    Run, cpu_seconds, env, median, relay_thread, rss_kib, stat_cpu_seconds, wrk,
+    Run, cpu_seconds, cpu_times, env, median, relay_thread, rss_kib, stat_cpu_seconds, wrk,
 };
 use isthmus_e2e::{ClusterSpec, Harness};
 
@@ -99,7 +99,9 @@ async fn main() {
     let mut fixed_relay = Vec::new();
     let mut cpu = [Vec::new(), Vec::new()];
     let mut relay_cpu = Vec::new();
+    let mut steal = Vec::new();
     for round in 0..rounds {
+        let machine = cpu_times();
         // Fixed rate: 10 connections each sending every 10 ms ≈ 1000 rps.
         fixed_direct.push(wrk(direct, host, seconds, 10, Some(10)));
         let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
@@ -120,10 +122,14 @@ async fn main() {
             relay_cpu.push((stat_cpu_seconds(s) - before[i]) / wall / (r.rps / 1000.0));
         }
         fixed_relay.push(r);
+        // The fixed-rate runs are over: how much of the machine the
+        // hypervisor gave to other guests meanwhile.
+        steal.push(cpu_times().steal_since(&machine));
         max_direct.push(wrk(direct, host, seconds, 32, None));
         max_proxy.push(wrk(proxied, host, seconds, 32, None));
         eprintln!(
-            "round {round}: fixed direct {:?}\n         fixed proxied {:?}\n         fixed relayed {:?}\n         max direct {:?}\n         max proxied {:?}",
+            "round {round} (CPU stolen by the hypervisor during the fixed-rate runs: {:.1} %): fixed direct {:?}\n         fixed proxied {:?}\n         fixed relayed {:?}\n         max direct {:?}\n         max proxied {:?}",
+            steal.last().unwrap() * 100.0,
             fixed_direct.last().unwrap(),
             fixed_proxy.last().unwrap(),
             fixed_relay.last().unwrap(),
@@ -185,6 +191,11 @@ async fn main() {
     println!(
         "Plain TCP relay (floor): {:.3} vCPU per 1000 rps per relay",
         median(relay_cpu.clone())
+    );
+    println!(
+        "CPU time stolen by the hypervisor during the fixed-rate runs: {:.1} % (median of rounds; max {:.1} %)",
+        median(steal.clone()) * 100.0,
+        steal.iter().cloned().fold(0.0, f64::max) * 100.0
     );
     println!(
         "Max-rate throughput ratio (two sidecars / direct): {:.2}",

@@ -163,3 +163,40 @@ pub fn relay_thread(to: SocketAddr) -> (SocketAddr, String) {
     let stat = format!("/proc/{}", rx.recv().unwrap());
     (addr, stat)
 }
+
+/// This machine's CPU time so far, from the `cpu` line of /proc/stat
+/// (clock ticks): all of it, and what the hypervisor stole (time a vCPU
+/// wanted to run and another guest had the core).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimes {
+    pub total: u64,
+    pub steal: u64,
+}
+
+pub fn cpu_times() -> CpuTimes {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let line = stat.lines().find(|l| l.starts_with("cpu ")).unwrap();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user and nice).
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    CpuTimes {
+        total: f.iter().sum(),
+        steal: f.get(7).copied().unwrap_or(0),
+    }
+}
+
+impl CpuTimes {
+    /// The share of CPU time stolen between `earlier` and this reading.
+    pub fn steal_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}
