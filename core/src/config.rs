@@ -39,11 +39,14 @@ impl fmt::Display for FieldError {
 /// Every problem found in one file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // The I/O error is in the message and not a `source`, so a report
+    // of the chain (`{:#}`) does not say it twice.
+    #[error(
+        "cannot read config file {path}: {error} (check the path and that this user may read it)"
+    )]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not valid YAML: {detail}")]
     Syntax { path: PathBuf, detail: String },
@@ -112,9 +115,9 @@ pub fn parse<T: FromConfig>(path: &Path, text: &str) -> Result<T, ConfigError> {
 
 /// Reads and parses a config file.
 pub fn load<T: FromConfig>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     parse(path, &text)
 }
@@ -634,6 +637,18 @@ impl FromConfig for AdminSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_file_is_named_with_its_reason_once() {
+        let e = load::<ClusterSection>(Path::new("/nonexistent/isthmus.yaml")).unwrap_err();
+        let full = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            full.starts_with("cannot read config file /nonexistent/isthmus.yaml: "),
+            "{full}"
+        );
+        assert_eq!(full.matches("No such file").count(), 1, "{full}");
+        assert!(full.contains("check the path"), "{full}");
+    }
 
     #[test]
     fn durations() {

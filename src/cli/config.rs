@@ -48,9 +48,9 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
 }
 
 fn check(path: &PathBuf) -> Result<serde_json::Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.clone(),
-        source,
+        error,
     })?;
     let json = |v: Result<serde_json::Value, serde_json::Error>| v.unwrap_or_default();
     Ok(match peek_kind(&text).as_deref() {
