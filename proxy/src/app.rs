@@ -170,6 +170,9 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
             workload: w.name.as_str().into(),
             namespace: w.namespace.as_str().into(),
             principal: principal.as_str().into(),
+            peer_header: [false, true].map(|h2| {
+                crate::http::peer_header(&config.cluster.name.0, &w.namespace, &w.name, h2)
+            }),
         },
         principal,
         identity: identity.clone(),

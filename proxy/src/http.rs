@@ -174,8 +174,10 @@ pub fn request_id() -> String {
 pub struct Record {
     pub start: Instant,
     pub labels: RequestLabels,
-    pub method: String,
+    pub method: hyper::Method,
+    /// Path and query, for the access log (empty when it is off).
     pub path: String,
+    /// For the access log (empty when it is off).
     pub authority: String,
     pub request_id: String,
     pub downstream: SocketAddr,
@@ -186,7 +188,12 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(reporter: Reporter, downstream: SocketAddr, req: &Request<Incoming>) -> Self {
+    pub fn new(
+        reporter: Reporter,
+        downstream: SocketAddr,
+        req: &Request<Incoming>,
+        log: &AccessLog,
+    ) -> Self {
         let protocol = if req.version() == hyper::Version::HTTP_2 {
             if reporter == Reporter::source {
                 "http"
@@ -218,12 +225,11 @@ impl Record {
                 response_flags: crate::telemetry::flags::NONE,
                 connection_security_policy: "unknown",
             },
-            method: req.method().to_string(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default(),
+            method: req.method().clone(),
+            path: match req.uri().path_and_query() {
+                Some(p) if log.enabled() => p.as_str().to_owned(),
+                _ => String::new(),
+            },
             authority: String::new(),
             request_id: String::new(),
             downstream,
@@ -247,7 +253,7 @@ impl Record {
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default(),
                 "reporter": format!("{:?}", l.reporter),
-                "method": self.method,
+                "method": self.method.as_str(),
                 "path": self.path,
                 "authority": self.authority,
                 "protocol": l.request_protocol,

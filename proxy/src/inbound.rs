@@ -161,7 +161,7 @@ async fn handle(
     peer: SocketAddr,
     id: Option<Arc<SpiffeId>>,
 ) -> Response<Body> {
-    let mut rec = Record::new(Reporter::destination, peer, &req);
+    let mut rec = Record::new(Reporter::destination, peer, &req, &ctx.log);
     let resp = forward(&ctx, req, &mut rec, id.as_deref()).await;
     rec.finish(&ctx.metrics, &ctx.log, resp.status());
     resp
@@ -194,7 +194,9 @@ async fn forward(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    rec.authority = authority.clone();
+    if ctx.log.enabled() {
+        rec.authority = authority.clone();
+    }
     if let Some((host, _)) = split_authority(&authority) {
         rec.labels.destination_service = host.into();
         if let Some((name, rest)) = host.split_once('.') {

@@ -61,6 +61,9 @@ pub struct OwnLabels {
     pub workload: telemetry::Label,
     pub namespace: telemetry::Label,
     pub principal: telemetry::Label,
+    /// The peer-metadata header this sidecar sends: for an HTTP/1.1
+    /// caller, and for an HTTP/2 one.
+    pub peer_header: [hyper::header::HeaderValue; 2],
 }
 
 impl std::fmt::Debug for Ctx {

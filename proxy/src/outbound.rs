@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::Ctx;
-use crate::http::{Record, local_reply, peer_header, request_id, strip_hop_by_hop};
+use crate::http::{Record, local_reply, request_id, strip_hop_by_hop};
 use crate::lb::{NoTarget, Outcome, Target, Want};
 use crate::path;
 use crate::routes::{Decision, Dest};
@@ -77,7 +77,7 @@ async fn handle(
     peer: SocketAddr,
     original: Option<SocketAddr>,
 ) -> Response<Body> {
-    let mut rec = Record::new(Reporter::source, peer, &req);
+    let mut rec = Record::new(Reporter::source, peer, &req, &ctx.log);
     rec.labels.source_workload = ctx.own.workload.clone();
     rec.labels.source_workload_namespace = ctx.own.namespace.clone();
     rec.labels.source_principal = ctx.own.principal.clone();
@@ -113,7 +113,9 @@ async fn route(
             "the request has no Host header and no absolute URI",
         );
     };
-    rec.authority = authority.clone();
+    if ctx.log.enabled() {
+        rec.authority = authority.clone();
+    }
     let query = parts.uri.query().map(str::to_owned);
     let norm = match crate::http::normalized_path(parts.uri.path(), rec) {
         Ok(p) => p,
@@ -197,12 +199,7 @@ async fn route(
     parts.headers.remove(crate::http::PEER_HEADER);
     parts.headers.insert(
         crate::http::PEER_HEADER,
-        peer_header(
-            &ctx.cluster,
-            &ctx.workload.namespace,
-            &ctx.workload.name,
-            downstream_h2,
-        ),
+        ctx.own.peer_header[usize::from(downstream_h2)].clone(),
     );
     let pq = match &query {
         Some(q) => format!("{}?{q}", path::encode(&norm)),

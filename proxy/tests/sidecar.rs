@@ -613,6 +613,18 @@ async fn authorization_policy_denies_with_403_and_the_log_names_the_caller() {
         );
         assert_eq!(l["response_flags"], "RBAC");
         assert!(l["reason"].as_str().unwrap().contains("sample/"), "{l}");
+        // What was asked, of whom.
+        assert!(matches!(l["method"].as_str(), Some("GET" | "POST")), "{l}");
+        assert!(
+            l["path"].as_str().is_some_and(|p| p.starts_with('/')),
+            "{l}"
+        );
+        assert!(
+            l["authority"]
+                .as_str()
+                .is_some_and(|a| a.contains("helloworld")),
+            "{l}"
+        );
     }
 }
 
