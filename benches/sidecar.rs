@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use isthmus_e2e::load::{
-    Run, cpu_seconds, cpu_times, env, median, relay_thread, rss_kib, stat_cpu_seconds, wrk,
+    Run, cpu_times, env, median, relay_thread, rss_kib, stat_cpu_seconds, wrk,
 };
 use isthmus_e2e::{ClusterSpec, Harness};
 
@@ -58,6 +58,22 @@ async fn main() {
     let (relay_b, relay_b_stat) = relay_thread(direct);
     let (relayed, relay_a_stat) = relay_thread(relay_b);
     let relay_stats = [relay_a_stat, relay_b_stat];
+    let sidecar_stats = pids.map(|(_, p)| format!("/proc/{p}/stat"));
+    // A fixed-rate run (10 connections each sending every 10 ms ≈ 1000
+    // rps) against `target`, and the vCPU per 1000 rps that each of the
+    // processes or threads behind `stats` used meanwhile.
+    let fixed_rate = |target, stats: &[String]| {
+        let before: Vec<f64> = stats.iter().map(|s| stat_cpu_seconds(s)).collect();
+        let t = Instant::now();
+        let r = wrk(target, host, seconds, 10, Some(10));
+        let wall = t.elapsed().as_secs_f64();
+        let used: Vec<f64> = stats
+            .iter()
+            .zip(before)
+            .map(|(s, b)| (stat_cpu_seconds(s) - b) / wall / (r.rps / 1000.0))
+            .collect();
+        (r, used)
+    };
     // Warm up the paths (connections, pools).
     wrk(direct, host, 2, 10, None);
     wrk(proxied, host, 2, 10, None);
@@ -104,23 +120,13 @@ async fn main() {
         let machine = cpu_times();
         // Fixed rate: 10 connections each sending every 10 ms ≈ 1000 rps.
         fixed_direct.push(wrk(direct, host, seconds, 10, Some(10)));
-        let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
-        let t = Instant::now();
-        let r = wrk(proxied, host, seconds, 10, Some(10));
-        let wall = t.elapsed().as_secs_f64();
-        for (i, (_, p)) in pids.iter().enumerate() {
-            let used = cpu_seconds(*p) - before[i];
-            // vCPU per 1000 rps.
-            cpu[i].push(used / wall / (r.rps / 1000.0));
+        let (r, used) = fixed_rate(proxied, &sidecar_stats);
+        for (i, u) in used.into_iter().enumerate() {
+            cpu[i].push(u);
         }
         fixed_proxy.push(r);
-        let before: Vec<f64> = relay_stats.iter().map(|s| stat_cpu_seconds(s)).collect();
-        let t = Instant::now();
-        let r = wrk(relayed, host, seconds, 10, Some(10));
-        let wall = t.elapsed().as_secs_f64();
-        for (i, s) in relay_stats.iter().enumerate() {
-            relay_cpu.push((stat_cpu_seconds(s) - before[i]) / wall / (r.rps / 1000.0));
-        }
+        let (r, used) = fixed_rate(relayed, &relay_stats);
+        relay_cpu.extend(used);
         fixed_relay.push(r);
         // The fixed-rate runs are over: how much of the machine the
         // hypervisor gave to other guests meanwhile.

@@ -46,6 +46,17 @@ pub fn drain_deadline(grace_period_secs: Option<u64>) -> Duration {
     }
 }
 
+/// The drain deadline for this process, from the environment's
+/// `TERMINATION_GRACE_PERIOD_SECONDS` (the pod's
+/// `terminationGracePeriodSeconds`, when a manifest passes it), as
+/// [`drain_deadline`] reads it.
+pub fn drain_deadline_from_env() -> Duration {
+    let grace = std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    drain_deadline(grace)
+}
+
 /// Runs `drain` (a component's shutdown) to completion, unless another
 /// SIGTERM/SIGINT arrives first: then the process exits at once with
 /// status 1 (the operator's "stop now").

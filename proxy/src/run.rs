@@ -101,8 +101,7 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             "sidecar running: outbound tcp/{}, inbound tcp/{}, admin {}, metrics {}, readiness {}",
             bound.outbound_addr, bound.inbound_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
         );
-        let grace = std::env::var("TERMINATION_GRACE_PERIOD_SECONDS").ok().and_then(|v| v.parse().ok());
-        bound.wait_termination(isthmus_core::signal::drain_deadline(grace)).await;
+        bound.wait_termination(isthmus_core::signal::drain_deadline_from_env()).await;
         let _ = stop_tx.send(());
         Ok(())
     })

@@ -61,8 +61,7 @@ pub fn run(args: ControllerArgs, logs: Option<LogControl>) -> anyhow::Result<()>
             "controller running: federation {}, admin {}, metrics {}, readiness {}",
             bound.federation_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
         );
-        let grace = std::env::var("TERMINATION_GRACE_PERIOD_SECONDS").ok().and_then(|v| v.parse().ok());
-        bound.wait_termination(isthmus_core::signal::drain_deadline(grace)).await;
+        bound.wait_termination(isthmus_core::signal::drain_deadline_from_env()).await;
         Ok(())
     })
 }

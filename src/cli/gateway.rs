@@ -81,8 +81,7 @@ pub fn run(args: GatewayArgs, logs: Option<LogControl>) -> anyhow::Result<()> {
             "gateway running: sidecars tcp/{}, peers udp/{}, admin {}, metrics {}, readiness {}",
             bound.sidecar_addr, bound.peer_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
         );
-        let grace = std::env::var("TERMINATION_GRACE_PERIOD_SECONDS").ok().and_then(|v| v.parse().ok());
-        bound.wait_termination(isthmus_core::signal::drain_deadline(grace)).await;
+        bound.wait_termination(isthmus_core::signal::drain_deadline_from_env()).await;
         let _ = stop_tx.send(());
         Ok(())
     })
