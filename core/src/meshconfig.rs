@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::identity::{TrustBundle, TrustDomain, TrustStore};
+use crate::model::istio::DRY_RUN_ANNOTATION;
 use crate::model::{
     AuthorizationPolicy, DestinationRule, Endpoint, EndpointGroup, ImportedService, LocalService,
     Locality, MeshState, PeerAuthentication, PeerGateway, RemoteCluster, ServiceKey, ServicePort,
@@ -195,6 +196,7 @@ pub fn to_resources(
             name: name.into(),
             spec_json: spec.as_bytes().to_vec(),
             generation: 0,
+            annotations: Default::default(),
         })
     };
     for p in state.destination_rules.values() {
@@ -229,13 +231,20 @@ pub fn to_resources(
     }
     for p in state.authorization_policies.values() {
         let api = "security.istio.io/v1";
-        out.push(policy(
+        let mut r = policy(
             "AuthorizationPolicy",
             api,
             &p.namespace,
             &p.name,
             &p.spec_json,
-        ));
+        );
+        if p.dry_run
+            && let R::Policy(pol) = &mut r
+        {
+            pol.annotations
+                .insert(DRY_RUN_ANNOTATION.into(), "true".into());
+        }
+        out.push(r);
     }
     for b in bundles {
         out.push(R::TrustBundle(pbc::TrustBundle {
@@ -369,6 +378,34 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                         .destination_rules
                         .insert(dr.service.clone(), Arc::new(dr));
                 }
+                R::Policy(p)
+                    if p.kind == "AuthorizationPolicy" || p.kind == "PeerAuthentication" =>
+                {
+                    // Security policy is never skipped: one that cannot be
+                    // read is kept in its strictest form (deny / STRICT).
+                    let spec = serde_json::from_slice(&p.spec_json).unwrap_or_else(
+                        |e| serde_json::json!({"unreadable": format!("the spec is not JSON: {e}")}),
+                    );
+                    let key = format!("{}/{}", p.namespace, p.name);
+                    let annotations = p.annotations.into_iter().collect();
+                    let problem = if p.kind == "AuthorizationPolicy" {
+                        let (v, e) = AuthorizationPolicy::from_object(
+                            &p.namespace,
+                            &p.name,
+                            &annotations,
+                            &spec,
+                        );
+                        state.authorization_policies.insert(key, Arc::new(v));
+                        e
+                    } else {
+                        let (v, e) = PeerAuthentication::from_object(&p.namespace, &p.name, &spec);
+                        state.peer_authentications.insert(key, Arc::new(v));
+                        e
+                    };
+                    if let Some(e) = problem {
+                        warn!(error = %e, "security policy cannot be applied as written; enforcing its strictest form (AuthorizationPolicy: deny every request; PeerAuthentication: STRICT) until it is fixed");
+                    }
+                }
                 R::Policy(p) => {
                     let spec: serde_json::Value =
                         serde_json::from_slice(&p.spec_json).map_err(|e| e.to_string())?;
@@ -378,16 +415,6 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                             let v = VirtualService::from_spec(&p.namespace, &p.name, &spec)
                                 .map_err(|e| e.to_string())?;
                             state.virtual_services.insert(key, Arc::new(v));
-                        }
-                        "PeerAuthentication" => {
-                            let v = PeerAuthentication::from_spec(&p.namespace, &p.name, &spec)
-                                .map_err(|e| e.to_string())?;
-                            state.peer_authentications.insert(key, Arc::new(v));
-                        }
-                        "AuthorizationPolicy" => {
-                            let v = AuthorizationPolicy::from_spec(&p.namespace, &p.name, &spec)
-                                .map_err(|e| e.to_string())?;
-                            state.authorization_policies.insert(key, Arc::new(v));
                         }
                         other => return Err(format!("unknown policy kind {other:?}")),
                     }

@@ -7,7 +7,7 @@
 //! `Arc<MeshState>` from a `watch` channel, swapped whole on each update.
 
 pub mod istio;
-pub mod policy;
+pub mod problem;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use crate::identity::TrustDomain;
 
-pub use istio::{ConnectionPool, DestinationRule, LocalityLbSetting, OutlierDetection};
-pub use policy::{AuthorizationPolicy, PeerAuthentication, VirtualService};
+pub use istio::{
+    AuthorizationPolicy, ConnectionPool, DestinationRule, LocalityLbSetting, OutlierDetection,
+    PeerAuthentication, VirtualService,
+};
 
 /// Where something runs (Kubernetes node labels). Empty means unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

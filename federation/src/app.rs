@@ -13,6 +13,7 @@ use isthmus_core::drain::{self, DrainOutcome, DrainTrigger};
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::identity::{SpiffeId, TrustBundle, TrustStore};
 use isthmus_core::model::MeshState;
+use isthmus_core::model::problem::ConfigProblem;
 use isthmus_core::readiness::Ready;
 use isthmus_core::telemetry::LogControl;
 pub use isthmus_core::tls::CertSource;
@@ -24,11 +25,12 @@ use tracing::{Instrument, info, info_span};
 use crate::catalog::Catalog;
 use crate::config::ControllerConfig;
 use crate::controller::{
-    ClientTls, FederationService, Metrics, Shared, peers_loop, reconcile_loop,
+    ClientTls, FederationService, Metrics, RejectedLabels, Shared, peers_loop, reconcile_loop,
 };
-use crate::import::{FilesSink, seed};
 use crate::link::{PeerFile, TokenStore};
+use crate::objects::Kind;
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus};
+use crate::sink::{FilesSink, Sink};
 use crate::source::Store;
 use crate::source::files::FilesSource;
 
@@ -89,6 +91,16 @@ impl ConfigDump for ConflictDump {
     }
 }
 
+struct ProblemsDump(watch::Receiver<Arc<Catalog>>);
+impl ConfigDump for ProblemsDump {
+    fn name(&self) -> &str {
+        "config_problems"
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(&self.0.borrow().problems).unwrap_or_default()
+    }
+}
+
 struct LinksDump(std::path::PathBuf);
 impl ConfigDump for LinksDump {
     fn name(&self) -> &str {
@@ -142,11 +154,13 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             .run(events_tx)
             .instrument(info_span!("source", dir = %config.source_dir.display())),
     );
-    let (mut store, mut objects) = Store::new();
+    let (mut store, mut objects) = Store::new(&Kind::ALL);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let locality = config.cluster.locality.clone();
+    let problem_metric = metrics.config_rejected.clone();
     tokio::spawn(async move {
         let mut first = Some(first_list);
+        let mut problems = BTreeSet::new();
         loop {
             tokio::select! {
                 e = events_rx.recv() => match e {
@@ -173,6 +187,14 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                         return;
                     };
                     tracing::debug!(exports = cat.exports.len(), took = ?started.elapsed(), "catalogue built");
+                    let now: BTreeSet<ConfigProblem> = cat.problems.iter().cloned().collect();
+                    for p in now.difference(&problems) {
+                        tracing::warn!(problem = %p, "configuration object cannot be applied as written");
+                        problem_metric
+                            .get_or_create(&RejectedLabels { kind: p.kind.clone(), reason: p.effect.as_str() })
+                            .inc();
+                    }
+                    problems = now;
                     catalog_tx.send_replace(Arc::new(cat));
                     first.take();
                 }
@@ -249,8 +271,8 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
 
     // Peers from the config and from earlier links, seeded from the
     // ServiceEntries a previous run wrote.
-    let sink = Arc::new(FilesSink::new(&config.source_dir));
-    let mut seeded = seed(&sink);
+    let sink: Arc<dyn Sink> = Arc::new(FilesSink::new(&config.source_dir, gateway));
+    let mut seeded = sink.seed();
     let mut initial: Vec<(PeerState, Option<TrustBundle>)> = config
         .peers
         .iter()
@@ -353,9 +375,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         }
         .instrument(info_span!("config_server")),
     );
-    tokio::spawn(
-        reconcile_loop(shared.clone(), sink, gateway, mesh_tx).instrument(info_span!("reconcile")),
-    );
+    tokio::spawn(reconcile_loop(shared.clone(), sink, mesh_tx).instrument(info_span!("reconcile")));
 
     let servers = admin::start_servers(
         "controller",
@@ -363,6 +383,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         vec![
             Arc::new(StatusDump(shared.clone())) as Arc<dyn ConfigDump>,
             Arc::new(ConflictDump(shared.clone())),
+            Arc::new(ProblemsDump(shared.catalog.clone())),
             Arc::new(LinksDump(config.state_dir.clone())),
             Arc::new(MeshDump(mesh_rx.clone())),
         ],

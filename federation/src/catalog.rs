@@ -9,11 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use isthmus_core::model::istio::PolicyError;
+use isthmus_core::model::problem::{ConfigProblem, Effect};
 use isthmus_core::model::{
-    Endpoint, EndpointGroup, LocalService, Locality, ServiceKey, ServicePort,
+    AuthorizationPolicy, DestinationRule, Endpoint, EndpointGroup, LocalService, Locality,
+    PeerAuthentication, ServiceKey, ServicePort, VirtualService,
 };
 
-use crate::objects::{Body, Kind};
+use crate::objects::{Body, Kind, Object};
 use crate::source::Objects;
 
 /// A service as exported to peers.
@@ -83,34 +86,56 @@ pub struct Catalog {
     pub virtual_services: BTreeMap<String, Arc<isthmus_core::model::VirtualService>>,
     /// PeerAuthentications by `namespace/name`.
     pub peer_authentications: BTreeMap<String, Arc<isthmus_core::model::PeerAuthentication>>,
-    /// AuthorizationPolicies by `namespace/name`.
+    /// AuthorizationPolicies by `namespace/name`; one that cannot be
+    /// enforced as written is here as one that denies every request.
     pub authorization_policies: BTreeMap<String, Arc<isthmus_core::model::AuthorizationPolicy>>,
+    /// Objects refused or applied in their strictest form.
+    pub problems: Vec<ConfigProblem>,
 }
 
 /// Parses every policy object of `kind` with `parse`, keyed by
-/// `namespace/name`; one that does not parse is skipped with a warning
-/// naming it and the fix (the rest still apply).
+/// `namespace/name`. `parse` returns the object to apply (an AP or PA
+/// that cannot be applied as written comes back in its strictest form; a
+/// routing object is left out) and what was wrong, which goes to
+/// `problems` with `effect`.
 fn policies<T>(
     objects: &Objects,
     kind: Kind,
-    parse: impl Fn(&str, &str, &serde_json::Value) -> Result<T, isthmus_core::model::istio::PolicyError>,
+    effect: Effect,
+    problems: &mut Vec<ConfigProblem>,
+    parse: impl Fn(&Object) -> (Option<T>, Option<PolicyError>),
 ) -> BTreeMap<String, Arc<T>> {
-    objects
-        .values()
-        .filter(|o| o.key.kind == kind)
-        .filter_map(|o| {
-            let Body::Policy { spec, .. } = &o.body else {
-                return None;
-            };
-            match parse(&o.key.namespace, &o.key.name, spec) {
-                Ok(p) => Some((format!("{}/{}", o.key.namespace, o.key.name), Arc::new(p))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "policy skipped; the others still apply");
-                    None
-                }
-            }
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for o in objects.values().filter(|o| o.key.kind == kind) {
+        let (p, e) = parse(o);
+        if let Some(e) = e {
+            problems.push(ConfigProblem::from_error(&e, effect));
+        }
+        if let Some(p) = p {
+            out.insert(format!("{}/{}", o.key.namespace, o.key.name), Arc::new(p));
+        }
+    }
+    out
+}
+
+/// A policy object's spec and carried annotations.
+fn policy_parts(o: &Object) -> (&serde_json::Value, &BTreeMap<String, String>) {
+    static NONE: std::sync::LazyLock<(serde_json::Value, BTreeMap<String, String>)> =
+        std::sync::LazyLock::new(Default::default);
+    match &o.body {
+        Body::Policy {
+            spec, annotations, ..
+        } => (spec, annotations),
+        _ => (&NONE.0, &NONE.1),
+    }
+}
+
+/// A routing object that does not parse is left out.
+fn strict<T>(r: Result<T, PolicyError>) -> (Option<T>, Option<PolicyError>) {
+    match r {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(e)),
+    }
 }
 
 impl Catalog {
@@ -261,6 +286,7 @@ impl Catalog {
                 }),
             );
         }
+        let mut problems = Vec::new();
         Self {
             services: services
                 .into_iter()
@@ -268,41 +294,66 @@ impl Catalog {
                 .collect(),
             exports,
             listed: true,
-            destination_rules: objects
-                .values()
-                .filter(|o| o.key.kind == Kind::DestinationRule)
-                .filter_map(|o| {
-                    let Body::Policy { spec, .. } = &o.body else {
-                        return None;
-                    };
-                    match isthmus_core::model::DestinationRule::from_spec(
+            destination_rules: policies(
+                objects,
+                Kind::DestinationRule,
+                Effect::Ignored,
+                &mut problems,
+                |o| {
+                    strict(DestinationRule::from_spec(
                         &o.key.namespace,
                         &o.key.name,
-                        spec,
-                    ) {
-                        Ok(dr) => Some((dr.service.clone(), Arc::new(dr))),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "DestinationRule skipped");
-                            None
-                        }
-                    }
-                })
-                .collect(),
+                        policy_parts(o).0,
+                    ))
+                },
+            )
+            .into_values()
+            .map(|dr| (dr.service.clone(), dr))
+            .collect(),
             virtual_services: policies(
                 objects,
                 Kind::VirtualService,
-                isthmus_core::model::VirtualService::from_spec,
+                Effect::Ignored,
+                &mut problems,
+                |o| {
+                    strict(VirtualService::from_spec(
+                        &o.key.namespace,
+                        &o.key.name,
+                        policy_parts(o).0,
+                    ))
+                },
             ),
             peer_authentications: policies(
                 objects,
                 Kind::PeerAuthentication,
-                isthmus_core::model::PeerAuthentication::from_spec,
+                Effect::Strict,
+                &mut problems,
+                |o| {
+                    let (p, e) = PeerAuthentication::from_object(
+                        &o.key.namespace,
+                        &o.key.name,
+                        policy_parts(o).0,
+                    );
+                    (Some(p), e)
+                },
             ),
             authorization_policies: policies(
                 objects,
                 Kind::AuthorizationPolicy,
-                isthmus_core::model::AuthorizationPolicy::from_spec,
+                Effect::DeniesEveryRequest,
+                &mut problems,
+                |o| {
+                    let (spec, annotations) = policy_parts(o);
+                    let (p, e) = AuthorizationPolicy::from_object(
+                        &o.key.namespace,
+                        &o.key.name,
+                        annotations,
+                        spec,
+                    );
+                    (Some(p), e)
+                },
             ),
+            problems,
         }
     }
 

@@ -3,7 +3,6 @@
 //! ServiceEntries and mesh state.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,16 +28,23 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::import::{
-    Conflict, FilesSink, Imports, PeerCatalog, merge, service_entry, service_entry_name,
-};
+use crate::import::{Conflict, Imports, PeerCatalog, merge};
 use crate::link::{PeerFile, Token, TokenStore};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus, session};
+use crate::sink::{Sink, SinkReport};
 use crate::transport::{self, PeerInfo};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    pub reason: String,
+    /// [`crate::peer::EndReason::as_str`].
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub kind: String,
+    /// What was done instead: `ignored`, `denies_every_request`, `strict`.
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +63,9 @@ pub struct Metrics {
     /// From a peer's catalogue change arriving to the ServiceEntry files
     /// written, seconds.
     pub apply_latency: Histogram,
+    /// Objects refused or applied in their strictest form, counted once
+    /// each time one becomes a problem.
+    pub config_rejected: Family<RejectedLabels, Counter>,
 }
 
 impl Metrics {
@@ -68,7 +77,13 @@ impl Metrics {
             services_imported: Gauge::default(),
             conflicts: Gauge::default(),
             apply_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            config_rejected: Family::default(),
         };
+        registry.register(
+            "isthmus_config_rejected",
+            "Configuration objects refused or applied in their strictest form, by kind and what was done instead (ignored, denies_every_request, strict); isthmus status lists them",
+            m.config_rejected.clone(),
+        );
         let sub = isthmus_core::metrics::sub_registry(registry, "federation");
         sub.register(
             "peers",
@@ -353,7 +368,11 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
                 let (tx, rx) = mpsc::channel(64);
                 match client.federate(ReceiverStream::new(rx)).await {
-                    Ok(resp) => session(shared.clone(), peer.clone(), tx, resp.into_inner()).await,
+                    Ok(resp) => {
+                        session(shared.clone(), peer.clone(), tx, resp.into_inner())
+                            .await
+                            .message
+                    }
                     Err(s) => {
                         let reason = format!(
                             "cannot open the federation stream to {} at {}: {}",
@@ -410,12 +429,11 @@ pub const COALESCE: Duration = Duration::from_millis(3);
 /// shutdown.
 pub async fn reconcile_loop(
     shared: Arc<Shared>,
-    sink: Arc<FilesSink>,
-    gateway: SocketAddr,
+    sink: Arc<dyn Sink>,
     mesh: watch::Sender<Arc<MeshState>>,
 ) {
     let (to_sink, from_reconcile) = watch::channel(None);
-    tokio::spawn(sink_loop(shared.clone(), sink, gateway, from_reconcile).in_current_span());
+    tokio::spawn(sink_loop(shared.clone(), sink, from_reconcile).in_current_span());
     let mut catalog = shared.catalog.clone();
     let mut version = 0u64;
     let tick = (shared.heartbeat / 2).max(Duration::from_millis(20));
@@ -656,21 +674,19 @@ type LocalCache = (
 /// them was picked up.
 type SinkInput = Option<(tokio::time::Instant, Arc<Imports>)>;
 
-/// Writes the ServiceEntries of the newest merged state. A pass renders
-/// and writes only the services that differ from what the files hold;
-/// the first pass (and the one after a failed write) compares every file
-/// with the disk instead.
+/// Hands the newest merged state to the sink. A pass writes only the
+/// services that differ from the last pass it completed; the first pass
+/// (and the one after a failure) has the sink compare everything.
 async fn sink_loop(
     shared: Arc<Shared>,
-    sink: Arc<FilesSink>,
-    gateway: SocketAddr,
+    sink: Arc<dyn Sink>,
     mut input: watch::Receiver<SinkInput>,
 ) {
     let mut written: Option<Arc<Imports>> = None;
     let writer = match BackgroundThread::start("isthmus-sink") {
         Ok(w) => w,
         Err(e) => {
-            error!(error = %e, "cannot start the ServiceEntry writer thread; no ServiceEntries will be written (check the process's thread limit)");
+            error!(error = %e, "cannot start the import writer thread; no imports will be written (check the process's thread limit)");
             return;
         }
     };
@@ -682,58 +698,38 @@ async fn sink_loop(
         let Some((since, services)) = input.borrow_and_update().clone() else {
             continue;
         };
-        let (sink2, last) = (sink.clone(), written.take());
-        let pass = services.clone();
+        if written.as_ref().is_some_and(|w| Arc::ptr_eq(w, &services)) {
+            continue;
+        }
+        let (sink2, last, pass) = (sink.clone(), written.take(), services.clone());
         let Some(outcome) = writer
             .run(move || match &last {
-                None => {
-                    let entries: Vec<serde_json::Value> = pass
-                        .services
-                        .values()
-                        .map(|s| service_entry(s, gateway))
-                        .collect();
-                    Some(sink2.apply(&entries))
-                }
-                Some(prev) if Arc::ptr_eq(prev, &pass) => None,
-                Some(prev) => {
-                    let upserts: Vec<serde_json::Value> = pass
-                        .services
-                        .iter()
-                        .filter(|(k, s)| prev.services.get(*k) != Some(*s))
-                        .map(|(_, s)| service_entry(s, gateway))
-                        .collect();
-                    let removed: Vec<(String, String)> = prev
-                        .services
-                        .keys()
-                        .filter(|k| !pass.services.contains_key(*k))
-                        .map(|k| (k.namespace.clone(), service_entry_name(k)))
-                        .collect();
-                    (!upserts.is_empty() || !removed.is_empty())
-                        .then(|| sink2.update(&upserts, &removed))
-                }
+                None => sink2.apply_all(&pass),
+                Some(prev) => sink2.apply_change(prev, &pass),
             })
             .await
         else {
             return;
         };
         match outcome {
-            None => written = Some(services),
-            Some(Ok(r)) => {
+            Ok(r) => {
                 written = Some(services);
                 if !r.written.is_empty() || !r.deleted.is_empty() {
                     info!(
                         written = r.written.len(),
                         deleted = r.deleted.len(),
-                        "ServiceEntries updated"
+                        "imports updated"
                     );
                 }
-                shared
-                    .metrics
-                    .apply_latency
-                    .observe(since.elapsed().as_secs_f64());
+                if r != SinkReport::default() {
+                    shared
+                        .metrics
+                        .apply_latency
+                        .observe(since.elapsed().as_secs_f64());
+                }
             }
-            Some(Err(e)) => {
-                warn!(dir = %sink.dir().display(), error = %e, "cannot write ServiceEntries; retrying in 1 s (check the directory is writable and the disk has space)");
+            Err(e) => {
+                warn!(error = %e, "import pass failed; retrying in 1 s");
                 // Retry the same state (unless a newer one arrives).
                 input.mark_changed();
                 tokio::select! {

@@ -16,6 +16,7 @@ pub mod import;
 pub mod link;
 pub mod objects;
 pub mod peer;
+pub mod sink;
 pub mod source;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -21,6 +21,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind a controller reads.
+    pub const ALL: [Kind; 8] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::ServiceExport,
+        Kind::Node,
+        Kind::DestinationRule,
+        Kind::VirtualService,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+    ];
+
     fn from_manifest(api_version: &str, kind: &str) -> Option<Self> {
         let group = api_version.split_once('/').map_or("", |(g, _)| g);
         Some(match (group, kind) {
@@ -110,6 +122,9 @@ pub enum Body {
         api_version: String,
         spec: Value,
         generation: u64,
+        /// The annotations that change a policy's meaning
+        /// ([`CARRIED_ANNOTATIONS`]); the rest are not kept.
+        annotations: BTreeMap<String, String>,
     },
 }
 
@@ -123,6 +138,9 @@ pub struct Object {
     pub labels: BTreeMap<String, String>,
     pub body: Body,
 }
+
+/// Annotations a policy object keeps: they change what it means.
+pub const CARRIED_ANNOTATIONS: &[&str] = &[isthmus_core::model::istio::DRY_RUN_ANNOTATION];
 
 /// Parses one manifest. `Ok(None)` for kinds a controller does not read
 /// (Deployments, ConfigMaps, the ServiceEntries it writes itself).
@@ -319,8 +337,18 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
         },
         _ => Body::Policy {
             api_version: api_version.to_owned(),
-            spec: spec.cloned().ok_or_else(|| err("spec", "is missing"))?,
+            // Istio reads a missing spec as an empty one (for an
+            // AuthorizationPolicy: allow nothing); the kinds that need
+            // fields say which when parsed.
+            spec: spec.cloned().unwrap_or(Value::Null),
             generation: meta.get("generation").and_then(Value::as_u64).unwrap_or(0),
+            annotations: CARRIED_ANNOTATIONS
+                .iter()
+                .filter_map(|k| {
+                    let v = meta.get("annotations")?.get(*k)?.as_str()?;
+                    Some(((*k).to_owned(), v.to_owned()))
+                })
+                .collect(),
         },
     };
     Ok(Some(Object {

@@ -270,13 +270,70 @@ fn goodbye(reason: Reason, detail: &str) -> pb::PeerMessage {
     }))
 }
 
+/// Why a federation session ended: the metric label
+/// (`isthmus_federation_stream_terminations_total{reason}`), typed so that
+/// rewording a message never changes a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    MessageTooLarge,
+    HeartbeatTimeout,
+    Malformed,
+    ProtocolViolation,
+    IdentityMismatch,
+    /// A newer session with the same peer took over.
+    Replaced,
+    PeerGoodbye,
+    Closed,
+    Shutdown,
+    StreamError,
+}
+
+impl EndReason {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::MessageTooLarge => "message_too_large",
+            EndReason::HeartbeatTimeout => "heartbeat_timeout",
+            EndReason::Malformed => "malformed",
+            EndReason::ProtocolViolation => "protocol_violation",
+            EndReason::IdentityMismatch => "identity_mismatch",
+            EndReason::Replaced => "replaced",
+            EndReason::PeerGoodbye => "peer_goodbye",
+            EndReason::Closed => "closed",
+            EndReason::Shutdown => "shutdown",
+            EndReason::StreamError => "stream_error",
+        }
+    }
+}
+
+/// How a session ended: the typed reason and the operator's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub reason: EndReason,
+    pub message: String,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn end(reason: EndReason, message: impl Into<String>) -> SessionEnd {
+    SessionEnd {
+        reason,
+        message: message.into(),
+    }
+}
+
 /// Runs one session until it ends; returns why it ended.
 pub(crate) async fn session<S>(
     shared: Arc<Shared>,
     peer: Arc<PeerState>,
     tx: mpsc::Sender<pb::PeerMessage>,
     mut rx: S,
-) -> String
+) -> SessionEnd
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
 {
@@ -292,7 +349,7 @@ where
         if i.session == generation {
             i.connected = false;
             i.disconnected_since = Some(Instant::now());
-            i.last_disconnect = Some((SystemTime::now(), reason.clone()));
+            i.last_disconnect = Some((SystemTime::now(), reason.message.clone()));
             if started.elapsed() < FLAP_WINDOW {
                 i.flaps += 1;
             } else {
@@ -304,7 +361,7 @@ where
         .metrics
         .terminations
         .get_or_create(&crate::controller::ReasonLabel {
-            reason: classify(&reason),
+            reason: reason.reason.as_str(),
         })
         .inc();
     shared.changed.notify_one();
@@ -312,29 +369,10 @@ where
     reason
 }
 
-/// A stable label for a termination reason.
-fn classify(reason: &str) -> String {
-    let r = reason.to_ascii_lowercase();
-    for (needle, label) in [
-        ("too large", "message_too_large"),
-        ("heartbeat", "heartbeat_timeout"),
-        ("malformed", "malformed"),
-        ("protocol", "protocol_violation"),
-        ("identity", "identity_mismatch"),
-        ("replaced", "replaced"),
-        ("goodbye", "peer_goodbye"),
-        ("closed", "closed"),
-        ("shutting down", "shutdown"),
-    ] {
-        if r.contains(needle) {
-            return label.into();
-        }
-    }
-    "stream_error".into()
-}
-
-async fn send(tx: &mpsc::Sender<pb::PeerMessage>, m: pb::PeerMessage) -> Result<(), String> {
-    tx.send(m).await.map_err(|_| "stream closed".to_string())
+async fn send(tx: &mpsc::Sender<pb::PeerMessage>, m: pb::PeerMessage) -> Result<(), SessionEnd> {
+    tx.send(m)
+        .await
+        .map_err(|_| end(EndReason::Closed, "stream closed"))
 }
 
 async fn run<S>(
@@ -343,7 +381,7 @@ async fn run<S>(
     generation: u64,
     tx: &mpsc::Sender<pb::PeerMessage>,
     rx: &mut S,
-) -> String
+) -> SessionEnd
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
 {
@@ -376,11 +414,24 @@ where
                     "first message must be Hello",
                 ))
                 .await;
-            return "protocol violation: first message was not Hello".into();
+            return end(
+                EndReason::ProtocolViolation,
+                "protocol violation: first message was not Hello",
+            );
         }
-        Ok(Some(Err(s))) => return format!("stream error: {}", s.message()),
-        Ok(None) => return "stream closed before Hello".into(),
-        Err(_) => return "heartbeat timeout waiting for Hello".into(),
+        Ok(Some(Err(s))) => {
+            return end(
+                EndReason::StreamError,
+                format!("stream error: {}", s.message()),
+            );
+        }
+        Ok(None) => return end(EndReason::Closed, "stream closed before Hello"),
+        Err(_) => {
+            return end(
+                EndReason::HeartbeatTimeout,
+                "heartbeat timeout waiting for Hello",
+            );
+        }
     };
     if theirs.cluster_name != peer.name || theirs.trust_domain != peer.trust_domain.as_str() {
         let detail = format!(
@@ -392,7 +443,10 @@ where
         );
         let _ = tx.send(goodbye(Reason::IdentityMismatch, &detail)).await;
         warn!(peer.cluster = %peer.name, %detail, "peer refused: identity mismatch");
-        return format!("identity mismatch: {detail}");
+        return end(
+            EndReason::IdentityMismatch,
+            format!("identity mismatch: {detail}"),
+        );
     }
     if theirs.protocol_version != pb::PROTOCOL_VERSION {
         let _ = tx
@@ -401,7 +455,10 @@ where
                 "unsupported protocol version",
             ))
             .await;
-        return format!("protocol violation: version {}", theirs.protocol_version);
+        return end(
+            EndReason::ProtocolViolation,
+            format!("protocol violation: version {}", theirs.protocol_version),
+        );
     }
     {
         let mut i = peer.lock();
@@ -442,7 +499,7 @@ where
     let mut last_heard = Instant::now();
     loop {
         if peer.lock().session != generation {
-            return "replaced by a newer session".into();
+            return end(EndReason::Replaced, "replaced by a newer session");
         }
         // Biased: whatever the peer already sent is read before the
         // heartbeat check, so a runtime that was busy (a burst of large
@@ -451,12 +508,12 @@ where
             biased;
             _ = shared.shutdown.signaled() => {
                 let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
-                return "controller shutting down".into();
+                return end(EndReason::Shutdown, "controller shutting down");
             }
             changed = catalog.changed() => {
                 if changed.is_err() {
                     let _ = tx.send(goodbye(Reason::Shutdown, "controller shutting down")).await;
-                    return "controller shutting down".into();
+                    return end(EndReason::Shutdown, "controller shutting down");
                 }
                 let out = {
                     let cat = catalog.borrow_and_update();
@@ -482,17 +539,17 @@ where
             next = rx.next() => {
                 last_heard = Instant::now();
                 let m = match next {
-                    None => return "peer closed the stream".into(),
+                    None => return end(EndReason::Closed, "peer closed the stream"),
                     Some(Err(s)) => {
                         let detail = s.message().to_owned();
                         if detail.contains("too large") || detail.contains("length") {
-                            return format!("message too large: {detail}");
+                            return end(EndReason::MessageTooLarge, format!("message too large: {detail}"));
                         }
-                        return format!("stream error: {detail}");
+                        return end(EndReason::StreamError, format!("stream error: {detail}"));
                     }
                     Some(Ok(pb::PeerMessage { message: None })) => {
                         let _ = tx.send(goodbye(Reason::Malformed, "empty message")).await;
-                        return "malformed: empty message".into();
+                        return end(EndReason::Malformed, "malformed: empty message");
                     }
                     Some(Ok(pb::PeerMessage { message: Some(m) })) => m,
                 };
@@ -512,7 +569,7 @@ where
                 }
                 if last_heard.elapsed() > hb * 3 {
                     let _ = tx.send(goodbye(Reason::HeartbeatTimeout, "no message for three heartbeat intervals")).await;
-                    return format!("heartbeat timeout: nothing heard for {:?}", last_heard.elapsed());
+                    return end(EndReason::HeartbeatTimeout, format!("heartbeat timeout: nothing heard for {:?}", last_heard.elapsed()));
                 }
                 heartbeat_seq += 1;
                 let beat = pb::Heartbeat {
@@ -613,7 +670,7 @@ async fn handle(
     peer: &Arc<PeerState>,
     tx: &mpsc::Sender<pb::PeerMessage>,
     m: Message,
-) -> Result<(), String> {
+) -> Result<(), SessionEnd> {
     let ack = |epoch: String, revision: u64| {
         msg(Message::Ack(pb::Ack {
             epoch,
@@ -634,7 +691,10 @@ async fn handle(
                     }
                     Err(e) => {
                         let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
-                        return Err(format!("malformed snapshot: {e}"));
+                        return Err(end(
+                            EndReason::Malformed,
+                            format!("malformed snapshot: {e}"),
+                        ));
                     }
                 }
             }
@@ -665,7 +725,10 @@ async fn handle(
                         d.epoch, d.revision, other
                     );
                     let _ = tx.send(goodbye(Reason::ProtocolViolation, &detail)).await;
-                    return Err(format!("protocol violation: {detail}"));
+                    return Err(end(
+                        EndReason::ProtocolViolation,
+                        format!("protocol violation: {detail}"),
+                    ));
                 }
             }
             let mut upserts = Vec::new();
@@ -674,7 +737,7 @@ async fn handle(
                     Ok(e) => upserts.push(e),
                     Err(e) => {
                         let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
-                        return Err(format!("malformed delta: {e}"));
+                        return Err(end(EndReason::Malformed, format!("malformed delta: {e}")));
                     }
                 }
             }
@@ -684,7 +747,7 @@ async fn handle(
                     Ok(k) => removals.push(k),
                     Err(e) => {
                         let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
-                        return Err(format!("malformed delta: {e}"));
+                        return Err(end(EndReason::Malformed, format!("malformed delta: {e}")));
                     }
                 }
             }
@@ -723,7 +786,10 @@ async fn handle(
                     peer.trust_domain.as_str()
                 );
                 let _ = tx.send(goodbye(Reason::IdentityMismatch, &detail)).await;
-                return Err(format!("identity mismatch: {detail}"));
+                return Err(end(
+                    EndReason::IdentityMismatch,
+                    format!("identity mismatch: {detail}"),
+                ));
             }
             let bundle = TrustBundle::new(
                 peer.trust_domain.clone(),
@@ -741,12 +807,18 @@ async fn handle(
             }
             Ok(())
         }
-        Message::Goodbye(g) => Err(format!("goodbye from peer: {:?} {}", g.reason(), g.detail)),
+        Message::Goodbye(g) => Err(end(
+            EndReason::PeerGoodbye,
+            format!("goodbye from peer: {:?} {}", g.reason(), g.detail),
+        )),
         Message::Hello(_) => {
             let _ = tx
                 .send(goodbye(Reason::ProtocolViolation, "second Hello"))
                 .await;
-            Err("protocol violation: second Hello".into())
+            Err(end(
+                EndReason::ProtocolViolation,
+                "protocol violation: second Hello",
+            ))
         }
     }
 }

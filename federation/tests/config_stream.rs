@@ -110,3 +110,140 @@ async fn a_subscriber_sees_imports_peers_bundles_and_policies_and_then_changes()
     .await;
     let _ = stop_tx.send(());
 }
+
+/// Security policy that cannot be applied as written reaches the proxies
+/// in its strictest form (never dropped), a dry-run policy keeps its
+/// annotation, and every refused object is visible in the admin API and
+/// the metrics without reading logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_that_cannot_be_applied_reach_proxies_strictest_and_are_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let east = TestCluster::new(root.path(), "east", "us-east1");
+    east.write(
+        "policies.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-jwt, namespace: sample}
+spec:
+  action: DENY
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {requestPrincipals: ['*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-like, namespace: sample, annotations: {istio.io/dry-run: 'true'}}
+spec: {action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: sample}
+spec: {mtls: {mode: PERMISIVE}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-route, namespace: sample}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}}], timeout: soon}]}
+",
+    );
+    let e = east
+        .start(
+            east.config(&[], HB, Duration::from_secs(300)),
+            &[east.bundle()],
+        )
+        .await;
+    let (tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
+    let trust = TrustStore::with_bundles([east.bundle()]).unwrap();
+    let node = Node {
+        kind: Kind::Sidecar as i32,
+        name: "web-0".into(),
+        ..Default::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(subscribe_loop(
+        e.local_addr,
+        east.local_tls(None),
+        node,
+        tx,
+        trust,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let s = state.clone();
+    assert_eventually(
+        "policies delivered through the stream",
+        Duration::from_secs(10),
+        async || {
+            let s = s.borrow();
+            s.authorization_policies.len() == 2 && s.peer_authentications.len() == 1
+        },
+    )
+    .await;
+    let s = state.borrow().clone();
+    let deny = &s.authorization_policies["sample/deny-jwt"];
+    assert!(
+        deny.unenforceable
+            .as_deref()
+            .is_some_and(|w| w.contains("requestPrincipals")),
+        "{deny:?}"
+    );
+    assert_eq!(
+        deny.selector.as_ref().unwrap()["app"],
+        "web",
+        "still limited to what it selects"
+    );
+    let dry = &s.authorization_policies["sample/audit-like"];
+    assert!(dry.dry_run && dry.unenforceable.is_none(), "{dry:?}");
+    assert_eq!(
+        s.peer_authentications["sample/default"].mode,
+        Some(isthmus_core::model::istio::MtlsMode::Strict)
+    );
+    assert!(s.virtual_services.is_empty(), "a broken route is left out");
+
+    let dump: serde_json::Value = serde_json::from_str(
+        &isthmus_core::admin::http_get(e.admin_addr, "/config_dump")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let problems = dump["config_problems"].as_array().unwrap();
+    let seen: Vec<(&str, &str, &str)> = problems
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap(),
+                p["name"].as_str().unwrap(),
+                p["effect"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("VirtualService", "bad-route", "ignored"),
+            ("PeerAuthentication", "default", "strict"),
+            ("AuthorizationPolicy", "deny-jwt", "denies_every_request"),
+        ],
+        "{problems:?}"
+    );
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http[0].timeout \"soon\" is not a duration"),
+        "{problems:?}"
+    );
+    let m = isthmus_core::admin::http_get(e.metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    for (kind, reason) in [
+        ("AuthorizationPolicy", "denies_every_request"),
+        ("PeerAuthentication", "strict"),
+        ("VirtualService", "ignored"),
+    ] {
+        let line =
+            format!("isthmus_config_rejected_total{{kind=\"{kind}\",reason=\"{reason}\"}} 1");
+        assert!(m.contains(&line), "{line} in\n{m}");
+    }
+    let _ = stop_tx.send(());
+}

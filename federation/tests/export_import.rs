@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use isthmus_core::model::{Locality, ServiceKey};
 use isthmus_federation::catalog::{Catalog, ExportPolicy};
-use isthmus_federation::import::{FilesSink, PeerCatalog, merge, service_entry};
+use isthmus_federation::import::{PeerCatalog, merge};
+use isthmus_federation::sink::FilesSink;
+use isthmus_federation::sink::service_entry::service_entry;
 use isthmus_federation::source::Objects;
 use isthmus_federation::source::files::parse_file;
 
@@ -190,7 +192,7 @@ fn service_entries_are_written_once_and_garbage_collected() {
     assert_eq!(ep["ports"]["http"], 15443);
 
     let dir = tempfile::tempdir().unwrap();
-    let sink = FilesSink::new(dir.path());
+    let sink = FilesSink::new(dir.path(), gw);
     let r = sink.apply(std::slice::from_ref(&se)).unwrap();
     assert_eq!(r.written, ["sample.helloworld-clusterset.yaml"]);
     let path = sink.dir().join("sample.helloworld-clusterset.yaml");

@@ -86,12 +86,25 @@ impl ConfigDump for EffectiveDump {
             .authorization_policies
             .values()
             .filter(|p| p.applies_to(&w.namespace, &w.labels, inbound::ROOT_NAMESPACE))
-            .map(|p| format!("{:?} {}/{}", p.action, p.namespace, p.name))
+            .map(|p| {
+                let mut line = format!("{:?} {}/{}", p.action, p.namespace, p.name);
+                if p.dry_run {
+                    line.push_str(" (dry-run: not enforced)");
+                }
+                if let Some(why) = &p.unenforceable {
+                    line = format!(
+                        "DENY-ALL {}/{} (cannot be enforced as written: {why})",
+                        p.namespace, p.name
+                    );
+                }
+                line
+            })
             .collect();
+        let mode = inbound::mtls_mode(&state, &w.namespace, &w.labels, w.app.port());
         serde_json::json!({
             "identity": self.identity,
             "workload": w,
-            "mtls_mode": format!("{:?}", inbound::mtls_mode(&state, &w.namespace, &w.labels)),
+            "mtls_mode": format!("{mode:?}"),
             "authorization_policies": authz,
             "config_version": state.version,
         })

@@ -185,6 +185,8 @@ pub struct Record {
     pub route: Option<String>,
     pub attempts: u32,
     pub reason: Option<String>,
+    /// Why dry-run AuthorizationPolicies would have denied the request.
+    pub dry_run: Option<String>,
 }
 
 impl Record {
@@ -237,6 +239,7 @@ impl Record {
             route: None,
             attempts: 0,
             reason: None,
+            dry_run: None,
         }
     }
 
@@ -273,6 +276,7 @@ impl Record {
                 "destination_cluster": l.destination_cluster,
                 "connection_security_policy": l.connection_security_policy,
                 "reason": self.reason,
+                "dry_run_denied": self.dry_run,
             }));
         }
     }

@@ -15,10 +15,10 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_core::identity::spiffe::Role;
 use isthmus_core::identity::verify::peer_identity;
 use isthmus_core::model::MeshState;
-use isthmus_core::model::policy::{AuthzAction, MtlsMode, RequestFacts};
+use isthmus_core::model::istio::{self, MtlsMode, RequestFacts, Verdict};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Ctx;
 use crate::http::{PEER_HEADER, Record, local_reply, parse_peer_header, strip_hop_by_hop};
@@ -33,12 +33,15 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The mTLS mode for a workload: workload-specific, else namespace, else
-/// mesh-wide, else PERMISSIVE (Istio's precedence and default).
+/// The mTLS mode for `port` of a workload: workload-specific (its
+/// `portLevelMtls` first), else namespace, else mesh-wide, else
+/// PERMISSIVE (Istio's precedence and default). A PeerAuthentication that
+/// cannot be applied as written counts as STRICT where it applies.
 pub fn mtls_mode(
     state: &MeshState,
     namespace: &str,
     labels: &BTreeMap<String, String>,
+    port: u16,
 ) -> MtlsMode {
     let (mut workload, mut ns, mut mesh) = (None, None, None);
     for pa in state.peer_authentications.values() {
@@ -47,7 +50,7 @@ pub fn mtls_mode(
                 if pa.namespace == namespace
                     && sel.iter().all(|(k, v)| labels.get(k) == Some(v)) =>
             {
-                workload = pa.mode.or(workload);
+                workload = pa.mode_for(port).or(workload);
             }
             None if pa.namespace == namespace => ns = pa.mode.or(ns),
             None if pa.namespace == ROOT_NAMESPACE => mesh = pa.mode.or(mesh),
@@ -57,36 +60,22 @@ pub fn mtls_mode(
     workload.or(ns).or(mesh).unwrap_or_default()
 }
 
-/// Istio's verdict: a matching DENY denies; with ALLOW policies present,
-/// one must match. Returns the deciding policy on denial.
+/// Istio's verdict over the AuthorizationPolicies that apply to this
+/// workload (see [`isthmus_core::model::istio::authorize`]).
 pub fn authorize(
     state: &MeshState,
     namespace: &str,
     labels: &BTreeMap<String, String>,
     facts: &RequestFacts<'_>,
-) -> Result<(), String> {
-    let applicable: Vec<_> = state
-        .authorization_policies
-        .values()
-        .filter(|p| p.applies_to(namespace, labels, ROOT_NAMESPACE))
-        .collect();
-    for p in applicable.iter().filter(|p| p.action == AuthzAction::Deny) {
-        if p.matches(facts) {
-            return Err(format!("denied by DENY policy {}/{}", p.namespace, p.name));
-        }
-    }
-    let allows: Vec<_> = applicable
-        .iter()
-        .filter(|p| p.action == AuthzAction::Allow)
-        .collect();
-    if allows.is_empty() || allows.iter().any(|p| p.matches(facts)) {
-        return Ok(());
-    }
-    let names: Vec<String> = allows
-        .iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect();
-    Err(format!("no ALLOW policy matched ({})", names.join(", ")))
+) -> Verdict {
+    istio::authorize(
+        state
+            .authorization_policies
+            .values()
+            .map(|p| &**p)
+            .filter(|p| p.applies_to(namespace, labels, ROOT_NAMESPACE)),
+        facts,
+    )
 }
 
 /// Accepts inbound connections until the drain starts.
@@ -111,6 +100,9 @@ async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         _ => return,
     }
     let drain = ctx.drain.clone();
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
     if first[0] == 0x16 {
         let acceptor = TlsAcceptor::from(ctx.inbound_tls.clone());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -136,12 +128,15 @@ async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         crate::http::serve_connection(tls, drain, move |req| {
             let ctx = ctx.clone();
             let id = id.clone();
-            async move { handle(ctx, req, peer, Some(id)).await }
+            async move { handle(ctx, req, peer, local, Some(id)).await }
         })
         .await;
     } else {
         let state = ctx.table.borrow().state.clone();
-        if mtls_mode(&state, &ctx.workload.namespace, &ctx.workload.labels) == MtlsMode::Strict {
+        let port = ctx.workload.app.port();
+        if mtls_mode(&state, &ctx.workload.namespace, &ctx.workload.labels, port)
+            == MtlsMode::Strict
+        {
             reject("plaintext_under_strict");
             warn!(peer = %peer, workload = %ctx.workload.name,
                 "plaintext connection refused: PeerAuthentication is STRICT for this workload (send mTLS through a sidecar, or set PERMISSIVE)");
@@ -149,7 +144,7 @@ async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         }
         crate::http::serve_connection(stream, drain, move |req| {
             let ctx = ctx.clone();
-            async move { handle(ctx, req, peer, None).await }
+            async move { handle(ctx, req, peer, local, None).await }
         })
         .await;
     }
@@ -159,10 +154,11 @@ async fn handle(
     ctx: Arc<Ctx>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    local: SocketAddr,
     id: Option<Arc<SpiffeId>>,
 ) -> Response<Body> {
     let mut rec = Record::new(Reporter::destination, peer, &req, &ctx.log);
-    let resp = forward(&ctx, req, &mut rec, id.as_deref()).await;
+    let resp = forward(&ctx, req, &mut rec, local, id.as_deref()).await;
     rec.finish(&ctx.metrics, &ctx.log, resp.status());
     resp
 }
@@ -171,6 +167,7 @@ async fn forward(
     ctx: &Ctx,
     req: Request<Incoming>,
     rec: &mut Record,
+    local: SocketAddr,
     id: Option<&SpiffeId>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
@@ -239,22 +236,52 @@ async fn forward(
         Err(resp) => return *resp,
     };
     let state = ctx.table.borrow().state.clone();
+    let service_account = id.and_then(|i| match i.role() {
+        Role::Workload {
+            namespace,
+            service_account,
+        } => Some(format!("{namespace}/{service_account}")),
+        _ => None,
+    });
     let facts = RequestFacts {
         principal: principal.as_deref(),
         namespace: source_ns.as_deref(),
+        service_account: service_account.as_deref(),
+        source_ip: Some(rec.downstream.ip()),
+        destination_ip: Some(local.ip()),
+        destination_port: ctx.workload.app.port(),
+        host: &authority,
         method: parts.method.as_str(),
         path: &norm,
+        headers: Some(&parts.headers),
     };
-    if let Err(why) = authorize(
+    let verdict = authorize(
         &state,
         &ctx.workload.namespace,
         &ctx.workload.labels,
         &facts,
-    ) {
+    );
+    if let Some(shadow) = &verdict.dry_run {
+        let result = if shadow.is_ok() { "allowed" } else { "denied" };
+        ctx.metrics
+            .dry_run
+            .get_or_create(&crate::telemetry::ResultLabels { result })
+            .inc();
+        if let Err(why) = shadow {
+            rec.dry_run = Some(why.clone());
+            debug!(principal = ?principal, path = %norm, reason = %why, "dry-run AuthorizationPolicy would deny this request (not enforced)");
+        }
+    }
+    if let Some(policy) = &verdict.audit {
+        ctx.metrics.audited.inc();
+        info!(principal = ?principal, method = %parts.method, path = %norm, policy = %policy, "request audited by AUDIT policy");
+    }
+    if let Err(why) = verdict.result {
         rec.labels.response_flags = flags::RBAC_DENIED;
-        rec.reason = Some(why.clone());
         debug!(principal = ?principal, path = %norm, reason = %why, "request denied");
-        return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", &why);
+        let resp = local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", &why);
+        rec.reason = Some(why);
+        return resp;
     }
 
     strip_hop_by_hop(&mut parts.headers);

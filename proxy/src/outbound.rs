@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode, Uri};
-use isthmus_core::model::policy::Retries;
+use isthmus_core::model::istio::Retries;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderMap;
-use isthmus_core::model::policy::{Fault, HttpMatch, HttpRoute, Retries, qualify_host};
+use isthmus_core::model::istio::{Fault, HttpMatch, HttpRoute, Retries, qualify_host};
 use isthmus_core::model::{DestinationRule, MeshState, Scope, ServiceKey, ServicePort};
 
 /// Authorities remembered per table (bounded: they come from requests).
@@ -94,7 +94,7 @@ fn matches(m: &HttpMatch, method: &str, path: &str, headers: &HeaderMap) -> bool
         })
 }
 
-fn pick_weighted(route: &HttpRoute) -> Option<&isthmus_core::model::policy::RouteDestination> {
+fn pick_weighted(route: &HttpRoute) -> Option<&isthmus_core::model::istio::RouteDestination> {
     let total: u32 = route.route.iter().map(|d| d.weight).sum();
     if total == 0 {
         return route.route.first();

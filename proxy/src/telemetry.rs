@@ -59,6 +59,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EjectionLabels {
     pub destination_service: String,
     pub endpoint: String,
@@ -80,6 +85,11 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     pub ejections: Family<EjectionLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Requests evaluated by dry-run AuthorizationPolicies, by what they
+    /// would have decided.
+    pub dry_run: Family<ResultLabels, Counter>,
+    /// Requests matched by an AUDIT AuthorizationPolicy.
+    pub audited: Counter,
 }
 
 impl Metrics {
@@ -90,6 +100,8 @@ impl Metrics {
             rejected: Family::default(),
             ejections: Family::default(),
             access_log_dropped: Counter::default(),
+            dry_run: Family::default(),
+            audited: Counter::default(),
         };
         registry.register(
             "istio_requests",
@@ -111,6 +123,16 @@ impl Metrics {
             "outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
+        );
+        sub.register(
+            "authorization_dry_run",
+            "Requests evaluated by dry-run (istio.io/dry-run) AuthorizationPolicies, by the verdict they would have given; never enforced",
+            m.dry_run.clone(),
+        );
+        sub.register(
+            "authorization_audited",
+            "Requests matched by an AUDIT AuthorizationPolicy",
+            m.audited.clone(),
         );
         sub.register(
             "access_log_dropped",

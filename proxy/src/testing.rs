@@ -28,6 +28,7 @@ use crate::config::{ProxyConfig, WorkloadSection};
 pub const NS: &str = "sample";
 pub const PORT: u16 = 5000;
 pub const HOST: &str = "helloworld.sample.svc.cluster.local:5000";
+pub const URL: &str = "http://helloworld.sample.svc.cluster.local:5000";
 
 /// How a sample app answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +301,50 @@ pub fn policy(state: &mut MeshState, kind: &str, name: &str, spec: serde_json::V
     }
 }
 
+/// Puts a security policy object (AuthorizationPolicy or
+/// PeerAuthentication) into `state` the way a sidecar receives it: encoded
+/// as the controller sends it and decoded by the sidecar's own config
+/// stream reader, so an object that cannot be applied as written arrives
+/// as the reader makes it (its strictest form), never dropped.
+pub fn streamed_policy(
+    state: &mut MeshState,
+    kind: &str,
+    name: &str,
+    annotations: &[(&str, &str)],
+    spec: serde_json::Value,
+) {
+    use isthmus_proto::config::v1 as pb;
+    let r = pb::Resource {
+        resource: Some(pb::resource::Resource::Policy(pb::Policy {
+            kind: kind.into(),
+            api_version: "security.istio.io/v1".into(),
+            namespace: NS.into(),
+            name: name.into(),
+            spec_json: spec.to_string().into_bytes(),
+            generation: 1,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })),
+    };
+    let held = isthmus_core::meshconfig::Held::from([(
+        (format!("Policy/{kind}"), NS.to_owned(), name.to_owned()),
+        r,
+    )]);
+    let (decoded, _) = isthmus_core::meshconfig::to_state(&held, 0);
+    assert!(
+        decoded.authorization_policies.len() + decoded.peer_authentications.len() == 1,
+        "the config stream reader kept {kind} {name}"
+    );
+    state
+        .authorization_policies
+        .extend(decoded.authorization_policies);
+    state
+        .peer_authentications
+        .extend(decoded.peer_authentications);
+}
+
 /// Publishes `state` with the next version and waits until `sidecars`
 /// have applied it.
 pub async fn publish(
@@ -395,4 +440,117 @@ pub fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
             .or_default() += 1;
     }
     m
+}
+
+impl std::fmt::Debug for One {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("One").finish_non_exhaustive()
+    }
+}
+
+/// One cluster (east) with a client workload (`sleep`) and helloworld
+/// v1 and v2, each behind a sidecar, fed mesh state directly.
+pub struct One {
+    pub mesh: Mesh,
+    pub tx: watch::Sender<Arc<MeshState>>,
+    pub client: Workload,
+    pub v1: Workload,
+    pub v2: Workload,
+}
+
+impl One {
+    pub async fn new() -> Self {
+        Self::with_v2_in("us-east1-a").await
+    }
+
+    /// The same, with helloworld-v2 in `zone` of us-east1.
+    pub async fn with_v2_in(zone: &str) -> Self {
+        let mesh = Mesh::new();
+        let east = mesh.get("east");
+        let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+        let t = mesh.trust.clone();
+        let client = workload(
+            east,
+            t.clone(),
+            rx.clone(),
+            "sleep",
+            "v1",
+            "us-east1-a",
+            None,
+        )
+        .await;
+        let v1 = workload(
+            east,
+            t.clone(),
+            rx.clone(),
+            "helloworld-v1",
+            "v1",
+            "us-east1-a",
+            None,
+        )
+        .await;
+        let v2 = workload(east, t, rx, "helloworld-v2", "v2", zone, None).await;
+        let one = Self {
+            mesh,
+            tx,
+            client,
+            v1,
+            v2,
+        };
+        one.publish(|_| {}).await;
+        one
+    }
+
+    /// helloworld with its two subsets.
+    pub fn base(&self) -> MeshState {
+        let east = self.mesh.get("east");
+        let mut s = MeshState::default();
+        s.local.insert(
+            ServiceKey::new(NS, "helloworld"),
+            helloworld(east, &[&self.v1, &self.v2], &[]),
+        );
+        policy(
+            &mut s,
+            "DestinationRule",
+            "helloworld",
+            serde_json::json!({"host": "helloworld", "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}}]}),
+        );
+        s
+    }
+
+    /// Publishes the base state edited by `edit` and waits until every
+    /// sidecar applied it.
+    pub async fn publish(&self, edit: impl FnOnce(&mut MeshState)) {
+        let mut s = self.base();
+        edit(&mut s);
+        publish(
+            &self.tx,
+            s,
+            &[&self.client.sidecar, &self.v1.sidecar, &self.v2.sidecar],
+        )
+        .await;
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.client.sidecar.outbound_addr)
+    }
+}
+
+/// `n` GETs of `path` on helloworld.
+pub async fn many(c: &mut Client, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<Answer> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(c.get(&format!("{URL}{path}"), headers).await);
+    }
+    out
+}
+
+/// Answers with `status` from helloworld `version`.
+pub fn count(answers: &[Answer], status: u16, version: &str) -> usize {
+    answers
+        .iter()
+        .filter(|a| a.status == status && a.body.contains(&format!(" {version} ")))
+        .count()
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use isthmus_core::model::problem::ConfigProblem;
 use isthmus_federation::peer::PeerStatus;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -46,6 +47,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 "peers": peers,
                 "conflicts": dump["conflicts"],
                 "pending_links": dump["pending_links"],
+                "config_problems": dump["config_problems"],
             }))?
         ),
         Output::Table => {
@@ -85,6 +87,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                         Some(e) => println!("  {} at {}: failed: {e}", l["cluster"], l["address"]),
                         None => println!("  {} at {}: linking", l["cluster"], l["address"]),
                     }
+                }
+            }
+            let problems: Vec<ConfigProblem> =
+                serde_json::from_value(dump["config_problems"].clone()).unwrap_or_default();
+            if !problems.is_empty() {
+                println!("\nconfiguration not applied as written:");
+                for p in &problems {
+                    println!("  {p}");
                 }
             }
             if let Some(c) = dump["conflicts"].as_array().filter(|c| !c.is_empty()) {

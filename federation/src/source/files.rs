@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Event;
-use crate::objects::{Object, ObjectKey, parse};
+use crate::objects::{Kind, Object, ObjectKey, parse};
 
 /// How often file metadata is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
@@ -326,16 +326,24 @@ impl FilesSource {
             self = back;
             if resync {
                 last_resync = Some(tokio::time::Instant::now());
-                if tx.send(Event::Init).await.is_err() {
-                    return;
-                }
+                // One list per kind, as a Kubernetes source's watchers
+                // send them.
+                let mut by_kind: BTreeMap<Kind, Vec<Arc<Object>>> = BTreeMap::new();
                 for o in all {
-                    if tx.send(Event::InitApply(o)).await.is_err() {
+                    by_kind.entry(o.key.kind).or_default().push(o);
+                }
+                for kind in Kind::ALL {
+                    if tx.send(Event::Init(kind)).await.is_err() {
                         return;
                     }
-                }
-                if tx.send(Event::InitDone).await.is_err() {
-                    return;
+                    for o in by_kind.remove(&kind).unwrap_or_default() {
+                        if tx.send(Event::InitApply(o)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if tx.send(Event::InitDone(kind)).await.is_err() {
+                        return;
+                    }
                 }
             } else {
                 for o in applied {

@@ -1,32 +1,40 @@
 //! Where a controller reads its cluster from, behind one watch-style
-//! interface modelled on kube-rs's watcher: an initial list
-//! (`Init`, `InitApply`…, `InitDone`), then changes (`Apply`, `Delete`),
-//! and from time to time a full resync (another `Init`…`InitDone`).
+//! interface modelled on kube-rs's watcher, **per kind**: for each kind
+//! an initial list (`Init(kind)`, `InitApply`…, `InitDone(kind)`), then
+//! changes (`Apply`, `Delete`), and from time to time a relist of a kind.
+//! A Kubernetes source runs one watcher per resource type, each relisting
+//! on its own (after a 410 Gone, say); a relist replaces that kind only.
 //!
 //! [`Store`] applies the events. A list is applied sync-then-swap: the new
-//! set is built aside and replaces the old one whole at `InitDone`, so
-//! consumers never see a half-listed cluster (never remove-then-add), and
-//! objects missing from a resync are garbage: `Delete` events lost while a
-//! watch was down do not leave stale objects behind.
+//! set of that kind is built aside and replaces the old one whole at
+//! `InitDone`, so consumers never see a half-listed kind (never
+//! remove-then-add), and objects missing from a relist are garbage:
+//! `Delete` events lost while a watch was down do not leave stale objects
+//! behind. Nothing is published before every kind the source reads has
+//! listed once.
+//!
+//! Sources live beside this file (`files.rs`); the controller picks one
+//! from its config's `source` section.
 
 pub mod files;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::objects::{Object, ObjectKey};
+use crate::objects::{Kind, Object, ObjectKey};
 
 /// One event from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A full list starts.
-    Init,
-    /// An object of the list in progress.
+    /// A full list of one kind starts.
+    Init(Kind),
+    /// An object of a list in progress (of its own kind).
     InitApply(Arc<Object>),
-    /// The list is complete.
-    InitDone,
+    /// The list of this kind is complete: it replaces every object of the
+    /// kind; other kinds are untouched.
+    InitDone(Kind),
     /// An object was created or changed.
     Apply(Arc<Object>),
     /// An object was deleted.
@@ -40,26 +48,33 @@ pub type Objects = BTreeMap<ObjectKey, Arc<Object>>;
 #[derive(Debug)]
 pub struct Store {
     current: Objects,
-    listing: Option<Objects>,
+    /// Lists in progress, by kind.
+    listing: BTreeMap<Kind, Objects>,
+    /// Kinds whose first list has not completed yet.
+    unlisted: BTreeSet<Kind>,
     tx: watch::Sender<Arc<Objects>>,
-    /// Whether a first list has completed.
-    ready: bool,
 }
 
 impl Store {
-    /// A store and the receiver consumers watch. The receiver sees the
-    /// first state only after the first complete list.
-    pub fn new() -> (Self, watch::Receiver<Arc<Objects>>) {
+    /// A store for a source that reads `kinds`, and the receiver consumers
+    /// watch. The receiver sees the first state only after each of
+    /// `kinds` has completed a list.
+    pub fn new(kinds: &[Kind]) -> (Self, watch::Receiver<Arc<Objects>>) {
         let (tx, rx) = watch::channel(Arc::new(Objects::new()));
         (
             Self {
                 current: Objects::new(),
-                listing: None,
+                listing: BTreeMap::new(),
+                unlisted: kinds.iter().copied().collect(),
                 tx,
-                ready: false,
             },
             rx,
         )
+    }
+
+    /// Whether every kind has listed once.
+    fn ready(&self) -> bool {
+        self.unlisted.is_empty()
     }
 
     /// Applies one event; publishes when the visible state changed.
@@ -71,11 +86,12 @@ impl Store {
     /// visible state changed: a file of 10,000 services edited is 30,000
     /// events, and publishing copies the whole state.
     pub fn apply_batch(&mut self, events: impl IntoIterator<Item = Event>) {
+        let was_ready = self.ready();
         let mut changed = false;
         for event in events {
             changed |= self.apply_quietly(event);
         }
-        if changed && self.ready {
+        if self.ready() && (changed || !was_ready) {
             self.publish();
         }
     }
@@ -83,21 +99,32 @@ impl Store {
     /// Applies one event; whether the visible state changed.
     fn apply_quietly(&mut self, event: Event) -> bool {
         match event {
-            Event::Init => {
-                self.listing = Some(Objects::new());
+            Event::Init(kind) => {
+                self.listing.insert(kind, Objects::new());
                 false
             }
             Event::InitApply(o) => {
                 self.listing
-                    .get_or_insert_with(Objects::new)
+                    .entry(o.key.kind)
+                    .or_default()
                     .insert(o.key.clone(), o);
                 false
             }
-            Event::InitDone => {
-                let listed = self.listing.take().unwrap_or_default();
-                let changed = !self.ready || listed != self.current;
-                self.current = listed;
-                self.ready = true;
+            Event::InitDone(kind) => {
+                let listed = self.listing.remove(&kind).unwrap_or_default();
+                self.unlisted.remove(&kind);
+                let mut changed = false;
+                self.current.retain(|k, v| {
+                    let keep = k.kind != kind || listed.get(k) == Some(v);
+                    changed |= !keep;
+                    keep
+                });
+                for (k, o) in listed {
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.current.entry(k) {
+                        e.insert(o);
+                        changed = true;
+                    }
+                }
                 changed
             }
             Event::Apply(o) => {
@@ -122,9 +149,13 @@ mod tests {
     use crate::objects::{Body, Kind};
 
     fn obj(name: &str) -> Arc<Object> {
+        of(Kind::ServiceExport, name)
+    }
+
+    fn of(kind: Kind, name: &str) -> Arc<Object> {
         Arc::new(Object {
             key: ObjectKey {
-                kind: Kind::ServiceExport,
+                kind,
                 namespace: "ns".into(),
                 name: name.into(),
             },
@@ -134,10 +165,16 @@ mod tests {
         })
     }
 
+    const SE: Kind = Kind::ServiceExport;
+
     #[test]
     fn a_batch_of_changes_is_published_whole() {
-        let (mut store, mut rx) = Store::new();
-        store.apply_batch([Event::Init, Event::InitApply(obj("a")), Event::InitDone]);
+        let (mut store, mut rx) = Store::new(&[SE]);
+        store.apply_batch([
+            Event::Init(SE),
+            Event::InitApply(obj("a")),
+            Event::InitDone(SE),
+        ]);
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
         // Changes in one batch: one publication with all of them.
@@ -160,21 +197,21 @@ mod tests {
 
     #[test]
     fn a_resync_swaps_whole_and_drops_what_it_no_longer_lists() {
-        let (mut store, rx) = Store::new();
-        store.apply(Event::Init);
+        let (mut store, rx) = Store::new(&[SE]);
+        store.apply(Event::Init(SE));
         store.apply(Event::InitApply(obj("a")));
         // Nothing visible mid-list.
         assert!(rx.borrow().is_empty());
         store.apply(Event::InitApply(obj("b")));
-        store.apply(Event::InitDone);
+        store.apply(Event::InitDone(SE));
         assert_eq!(rx.borrow().len(), 2);
 
         // A resync that no longer lists "a": the old state stays visible
         // until the list is done, then "a" is gone.
-        store.apply(Event::Init);
+        store.apply(Event::Init(SE));
         store.apply(Event::InitApply(obj("b")));
         assert_eq!(rx.borrow().len(), 2);
-        store.apply(Event::InitDone);
+        store.apply(Event::InitDone(SE));
         let names: Vec<_> = rx.borrow().keys().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["b"]);
 
@@ -182,5 +219,47 @@ mod tests {
         store.apply(Event::Delete(obj("b").key.clone()));
         let names: Vec<_> = rx.borrow().keys().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn a_relist_of_one_kind_replaces_that_kind_only_and_nothing_shows_before_every_kind_listed() {
+        let (svc, pol) = (Kind::Service, Kind::AuthorizationPolicy);
+        let (mut store, mut rx) = Store::new(&[svc, pol]);
+        store.apply_batch([
+            Event::Init(svc),
+            Event::InitApply(of(svc, "web")),
+            Event::InitDone(svc),
+        ]);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "policies not listed yet: publishing now would enforce no policy"
+        );
+        store.apply_batch([
+            Event::Init(pol),
+            Event::InitApply(of(pol, "deny")),
+            Event::InitDone(pol),
+        ]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().len(), 2);
+        // The Service watcher relists (after a 410 Gone, say) with a new
+        // service: the policy stays.
+        store.apply_batch([
+            Event::Init(svc),
+            Event::InitApply(of(svc, "api")),
+            Event::InitDone(svc),
+        ]);
+        let names: Vec<_> = rx
+            .borrow_and_update()
+            .keys()
+            .map(|k| (k.kind, k.name.clone()))
+            .collect();
+        assert_eq!(names, [(svc, "api".into()), (pol, "deny".into())]);
+        // An identical relist publishes nothing.
+        store.apply_batch([
+            Event::Init(pol),
+            Event::InitApply(of(pol, "deny")),
+            Event::InitDone(pol),
+        ]);
+        assert!(!rx.has_changed().unwrap());
     }
 }

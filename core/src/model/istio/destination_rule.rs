@@ -1,25 +1,13 @@
-//! Istio's DestinationRule, as far as the data path reads it, parsed from
-//! the JSON of the object's `spec` into domain types.
+//! DestinationRule: subsets, load balancing, locality, outlier detection, connection pool.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Scope, ServiceKey};
+use super::PolicyError;
 use crate::config::parse_duration;
-
-/// Why a policy object was not accepted. Names the object and the fix.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error("{kind} {namespace}/{name}: spec is invalid: {detail}")]
-    Spec {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-        detail: String,
-    },
-}
+use crate::model::{Scope, ServiceKey};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -224,7 +212,7 @@ impl DestinationRule {
         };
         let spec_text = spec.to_string();
         let spec: DrSpec = serde_json::from_value(spec.clone()).map_err(|e| err(e.to_string()))?;
-        let host = super::policy::qualify_host(&spec.host, namespace);
+        let host = super::qualify_host(&spec.host, namespace);
         let (service, scope) = ServiceKey::from_host(&host).ok_or_else(|| {
             err(format!(
                 "host {:?} is not a service name; use <svc>, <svc>.<ns>, or <svc>.<ns>.svc.cluster.local / .svc.clusterset.local",
