@@ -24,15 +24,18 @@ use tracing::{Instrument, info, info_span};
 
 use crate::catalog::Catalog;
 use crate::config::ControllerConfig;
-use crate::controller::{
-    ClientTls, FederationService, Metrics, RejectedLabels, Shared, peers_loop, reconcile_loop,
-};
+use crate::dial::{add_peer, peers_loop};
 use crate::link::{PeerFile, TokenStore};
+use crate::metrics::{Metrics, RejectedLabels};
 use crate::objects::Kind;
-use crate::peer::{MAX_MESSAGE_BYTES, PeerState, PeerStatus};
+use crate::reconcile::reconcile_loop;
+use crate::service::FederationService;
+use crate::session::MAX_MESSAGE_BYTES;
 use crate::sink::{FilesSink, Sink};
 use crate::source::Store;
 use crate::source::files::FilesSource;
+use crate::state::{ClientTls, Shared};
+use crate::state::{PeerState, PeerStatus};
 
 /// What a controller needs from outside: its certificate
 /// (`spiffe://<td>/cluster/<name>/controller`) and the trust bundles of
@@ -313,7 +316,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             // quick restart rewrites nothing.
             i.disconnected_since = Some(tokio::time::Instant::now());
         }
-        shared.add_peer(state, bundle);
+        add_peer(&shared, state, bundle);
     }
     tokio::spawn(peers_loop(shared.clone()).instrument(info_span!("peers")));
 

@@ -16,45 +16,9 @@ use isthmus_core::model::{
     PeerAuthentication, ServiceKey, ServicePort, VirtualService,
 };
 
+use crate::export::Export;
 use crate::objects::{Body, Kind, Object};
 use crate::source::Objects;
-
-/// A service as exported to peers.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Export {
-    pub key: ServiceKey,
-    pub ports: Vec<ServicePort>,
-    pub groups: Arc<[EndpointGroup]>,
-    /// The ServiceExport's creationTimestamp in Unix seconds (0: unknown):
-    /// the oldest export wins a conflict. Seconds, not the RFC 3339 text,
-    /// so offsets compare right and nothing is parsed per snapshot.
-    pub created: i64,
-    /// The export encoded for the federation protocol, made once (or kept
-    /// as received) and shared by every snapshot and delta that sends it.
-    #[serde(skip)]
-    pub encoded: std::sync::OnceLock<prost::bytes::Bytes>,
-}
-
-impl PartialEq for Export {
-    fn eq(&self, other: &Self) -> bool {
-        // The encoding follows from the rest.
-        self.key == other.key
-            && self.ports == other.ports
-            && self.groups == other.groups
-            && self.created == other.created
-    }
-}
-
-impl Eq for Export {}
-
-impl Export {
-    /// The encoded `ExportedService`.
-    pub fn encoded(&self) -> prost::bytes::Bytes {
-        self.encoded
-            .get_or_init(|| prost::Message::encode_to_vec(&crate::peer::export_to_pb(self)).into())
-            .clone()
-    }
-}
 
 /// Which exports a peer may see (`peers[].exportTo` in the config).
 /// Empty lists mean everything.

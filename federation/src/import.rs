@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use isthmus_core::model::{ImportedService, Locality, RemoteCluster, ServiceKey, ServicePort};
 
-use crate::catalog::Export;
+use crate::export::Export;
 
 /// What one peer exports to us.
 #[derive(Debug, Clone, PartialEq, Eq)]

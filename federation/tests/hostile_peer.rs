@@ -7,7 +7,7 @@ use std::time::Duration;
 use isthmus_core::identity::verify::Expect;
 use isthmus_core::testing::{assert_eventually, leaf};
 use isthmus_federation::catalog::ExportPolicy;
-use isthmus_federation::peer::MAX_MESSAGE_BYTES;
+use isthmus_federation::session::MAX_MESSAGE_BYTES;
 use isthmus_federation::testing::{TestCluster, service_yaml};
 use isthmus_proto::common::v1 as pbc;
 use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;

@@ -7,10 +7,12 @@ mod admin_get;
 mod ca;
 mod config;
 mod controller;
+#[cfg(feature = "demo")]
 mod demo;
 mod gateway;
 mod link;
 mod proxy;
+#[cfg(feature = "demo")]
 mod sample;
 mod status;
 
@@ -38,6 +40,7 @@ pub enum Command {
     #[command(subcommand)]
     Config(config::ConfigCommand),
     /// Run three clusters on this machine (a demo and a playground).
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Run a cluster's east-west gateway.
     Gateway(gateway::GatewayArgs),
@@ -53,6 +56,7 @@ pub enum Command {
     AdminGet(admin_get::AdminGetArgs),
     /// The demo's sample app (used by the network-namespace tests).
     #[command(hide = true)]
+    #[cfg(feature = "demo")]
     SampleApp(sample::SampleArgs),
     /// Show what a controller knows of its peers.
     Status(status::StatusArgs),
@@ -68,10 +72,12 @@ pub fn run(
         Command::Config(c) => config::run(c),
         Command::Controller(c) => controller::run(c, logs),
         Command::Link(c) => link::run(c),
+        #[cfg(feature = "demo")]
         Command::Demo(c) => demo::run(c),
         Command::Gateway(c) => gateway::run(c, logs),
         Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
+        #[cfg(feature = "demo")]
         Command::SampleApp(c) => sample::run(c),
         Command::AdminGet(c) => admin_get::run(c),
     }

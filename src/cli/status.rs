@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use isthmus_core::model::problem::ConfigProblem;
-use isthmus_federation::peer::PeerStatus;
+use isthmus_federation::state::PeerStatus;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Output {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use isthmus_core::model::{ImportedService, Locality, ServiceKey, ServicePort};
 use serde_json::json;
 
-use crate::catalog::Export;
+use crate::export::Export;
 
 /// Label marking objects Isthmus owns (and may rewrite or delete).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "isthmus");

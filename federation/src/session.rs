@@ -8,22 +8,24 @@
 //! delta must carry the next revision of the same epoch, or the stream is
 //! closed and the next session starts from a snapshot.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::catalog::Catalog;
 use futures::{Stream, StreamExt};
-use isthmus_core::identity::{TrustBundle, TrustDomain};
-use isthmus_core::model::{EndpointGroup, Locality, ServiceKey, ServicePort};
+use isthmus_core::identity::TrustBundle;
+use isthmus_core::model::ServiceKey;
 use isthmus_proto::common::v1 as pbc;
 use isthmus_proto::federation::v1::{self as pb, goodbye::Reason, peer_message::Message};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::catalog::{Export, ExportPolicy};
-use crate::controller::Shared;
+use crate::catalog::Catalog;
+use crate::export::{
+    Export, bundle_to_pb, export_from_bytes, key_from_pb, locality_from_pb, locality_to_pb,
+};
+use crate::state::{Inner, PeerState, Shared};
 
 /// Largest message accepted or sent on a federation stream.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -31,233 +33,6 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const HISTORY: usize = 256;
 /// Sessions ending within this time of starting count as flaps.
 pub const FLAP_WINDOW: Duration = Duration::from_secs(10);
-
-/// A configured peer and what is known of it.
-#[derive(Debug)]
-pub struct PeerState {
-    pub name: String,
-    pub address: String,
-    pub trust_domain: TrustDomain,
-    pub policy: ExportPolicy,
-    pub(crate) inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Inner {
-    /// The peer's exports to us; `None` before the first sync and after
-    /// withdrawal.
-    /// Shared with the reconciler's passes (copy-on-write: a delta copies
-    /// the map only while a pass still holds the previous one).
-    pub imports: Option<Arc<BTreeMap<ServiceKey, Arc<Export>>>>,
-    pub locality: Locality,
-    pub gateway: String,
-    pub applied: Option<(String, u64)>,
-    pub connected: bool,
-    pub session: u64,
-    pub stale: bool,
-    pub last_full_sync: Option<SystemTime>,
-    pub last_event: Option<SystemTime>,
-    pub last_disconnect: Option<(SystemTime, String)>,
-    /// A failed dial while a session (the peer's own dial) was up: kept
-    /// apart, so `status` never shows a connected peer with a fresh
-    /// "disconnect".
-    pub last_dial_error: Option<(SystemTime, String)>,
-    pub disconnected_since: Option<Instant>,
-    pub out_revision: u64,
-    pub out_sent: BTreeMap<ServiceKey, Arc<Export>>,
-    pub out_history: VecDeque<pb::Delta>,
-    pub out_acked: u64,
-    pub flaps: u32,
-}
-
-/// What `isthmus status` shows of one peer.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct PeerStatus {
-    pub cluster: String,
-    pub address: String,
-    pub connected: bool,
-    pub stale: bool,
-    pub last_full_sync: Option<String>,
-    pub last_event: Option<String>,
-    pub last_disconnect: Option<String>,
-    pub last_disconnect_reason: Option<String>,
-    /// `<time> <reason>` of the last failed dial while connected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_dial_error: Option<String>,
-    pub exported: usize,
-    pub imported: usize,
-    /// Revisions sent but not yet acknowledged.
-    pub revision_lag: u64,
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-impl PeerState {
-    pub fn new(name: &str, address: &str, trust_domain: TrustDomain, policy: ExportPolicy) -> Self {
-        Self {
-            name: name.into(),
-            address: address.into(),
-            trust_domain,
-            policy,
-            inner: Mutex::new(Inner::default()),
-        }
-    }
-
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn status(&self) -> PeerStatus {
-        let i = self.lock();
-        PeerStatus {
-            cluster: self.name.clone(),
-            address: self.address.clone(),
-            connected: i.connected,
-            stale: i.stale,
-            last_full_sync: i.last_full_sync.map(rfc3339),
-            last_event: i.last_event.map(rfc3339),
-            last_disconnect: i.last_disconnect.as_ref().map(|(t, _)| rfc3339(*t)),
-            last_disconnect_reason: i.last_disconnect.as_ref().map(|(_, r)| r.clone()),
-            last_dial_error: i
-                .last_dial_error
-                .as_ref()
-                .map(|(t, r)| format!("{} {r}", rfc3339(*t))),
-            exported: i.out_sent.len(),
-            imported: i.imports.as_ref().map_or(0, |m| m.len()),
-            revision_lag: i.out_revision.saturating_sub(i.out_acked),
-        }
-    }
-
-    /// How long to wait before dialing again: 100 ms after a session that
-    /// lasted, doubling per flap up to 30 s (flapping peers are damped).
-    pub(crate) fn redial_delay(&self) -> Duration {
-        let flaps = self.lock().flaps.min(8);
-        (Duration::from_millis(100) * 2u32.pow(flaps)).min(Duration::from_secs(30))
-    }
-}
-
-// --- conversions at the boundary ---
-
-fn locality_to_pb(l: &Locality) -> pbc::Locality {
-    pbc::Locality {
-        region: l.region.clone(),
-        zone: l.zone.clone(),
-        subzone: l.subzone.clone(),
-    }
-}
-
-fn locality_from_pb(l: Option<pbc::Locality>) -> Locality {
-    l.map(|l| Locality {
-        region: l.region,
-        zone: l.zone,
-        subzone: l.subzone,
-    })
-    .unwrap_or_default()
-}
-
-pub(crate) fn export_to_pb(e: &Export) -> pb::ExportedService {
-    pb::ExportedService {
-        key: Some(pbc::ServiceKey {
-            namespace: e.key.namespace.clone(),
-            name: e.key.name.clone(),
-        }),
-        ports: e
-            .ports
-            .iter()
-            .map(|p| pb::ServicePort {
-                name: p.name.clone(),
-                port: u32::from(p.port),
-                protocol: p.protocol.clone(),
-                app_protocol: String::new(),
-            })
-            .collect(),
-        endpoints: e
-            .groups
-            .iter()
-            .map(|g| pb::EndpointGroup {
-                locality: Some(locality_to_pb(&g.locality)),
-                labels: g.labels.clone().into_iter().collect(),
-                healthy: g.healthy,
-                total: g.total,
-            })
-            .collect(),
-        export_created_unix: e.created,
-    }
-}
-
-fn key_from_pb(k: Option<pbc::ServiceKey>) -> Result<ServiceKey, String> {
-    let k = k.ok_or("service without a key")?;
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    if !label(&k.namespace) || !label(&k.name) {
-        return Err(format!(
-            "service key {}/{} is not two DNS labels",
-            k.namespace, k.name
-        ));
-    }
-    Ok(ServiceKey::new(&k.namespace, &k.name))
-}
-
-/// An export from its encoding (kept, to pass on unchanged).
-fn export_from_bytes(encoded: prost::bytes::Bytes) -> Result<Export, String> {
-    use prost::Message as _;
-    let s = pb::ExportedService::decode(encoded.clone())
-        .map_err(|e| format!("undecodable service: {e}"))?;
-    let e = export_from_pb(s)?;
-    let _ = e.encoded.set(encoded);
-    Ok(e)
-}
-
-fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
-    let key = key_from_pb(s.key)?;
-    let mut ports = Vec::new();
-    for p in s.ports {
-        let port = u16::try_from(p.port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{key}: port {} out of range", p.port))?;
-        ports.push(ServicePort {
-            name: p.name,
-            port,
-            target_port: port,
-            protocol: p.protocol,
-        });
-    }
-    let groups = s
-        .endpoints
-        .into_iter()
-        .map(|g| EndpointGroup {
-            locality: locality_from_pb(g.locality),
-            labels: g.labels.into_iter().collect(),
-            healthy: g.healthy.min(g.total),
-            total: g.total,
-        })
-        .collect();
-    Ok(Export {
-        key,
-        ports,
-        groups,
-        created: s.export_created_unix.max(0),
-        encoded: Default::default(),
-    })
-}
-
-fn bundle_to_pb(b: &TrustBundle) -> pbc::TrustBundle {
-    pbc::TrustBundle {
-        trust_domain: b.trust_domain.to_string(),
-        roots_der: b.roots.iter().map(|r| r.as_ref().to_vec()).collect(),
-        sequence: b.sequence,
-        refresh_hint_seconds: 300,
-    }
-}
 
 fn msg(m: Message) -> pb::PeerMessage {
     pb::PeerMessage { message: Some(m) }
@@ -360,7 +135,7 @@ where
     shared
         .metrics
         .terminations
-        .get_or_create(&crate::controller::ReasonLabel {
+        .get_or_create(&crate::metrics::ReasonLabel {
             reason: reason.reason.as_str(),
         })
         .inc();

@@ -1,0 +1,277 @@
+//! Reaching peers: adding one (configured or linked), dialing it for as
+//! long as the controller runs, and the joining side of a link (redeeming
+//! a token against the issuer).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::identity::{SpiffeId, TrustBundle, TrustDomain};
+use isthmus_proto::federation::v1::LinkRequest;
+use isthmus_proto::federation::v1::peer_federation_client::PeerFederationClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::link::{PeerFile, Token};
+use crate::session::{MAX_MESSAGE_BYTES, session};
+use crate::state::{PeerState, Shared};
+use crate::transport;
+
+/// Adds a peer (configured or linked): trusts its bundle, accepts its
+/// controller on the federation port, and dials it when our name sorts
+/// first. Returns false if it was already known.
+pub fn add_peer(shared: &Arc<Shared>, peer: PeerState, bundle: Option<TrustBundle>) -> bool {
+    if let Some(b) = bundle
+        && let Err(e) = shared.trust.upsert(b)
+    {
+        warn!(peer.cluster = %peer.name, error = %e, "peer trust bundle unusable");
+    }
+    let mut peers = shared.peers.write().unwrap_or_else(|e| e.into_inner());
+    if peers.contains_key(&peer.name) {
+        return false;
+    }
+    if let Ok(id) = SpiffeId::controller(&peer.trust_domain, &peer.name) {
+        shared
+            .allowed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    }
+    let peer = Arc::new(peer);
+    peers.insert(peer.name.clone(), peer.clone());
+    drop(peers);
+    if peer.name > shared.cluster {
+        tokio::spawn(
+            dial_loop(shared.clone(), peer.clone())
+                .instrument(info_span!("federation", peer.cluster = %peer.name, side = "client")),
+        );
+    }
+    shared.changed.notify_one();
+    true
+}
+
+/// Dials `peer` for as long as the controller runs (only the side whose
+/// cluster name sorts first dials, so a pair shares one stream).
+pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
+    let expect = match SpiffeId::controller(&peer.trust_domain, &peer.name) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(peer.cluster = %peer.name, error = %e, "peer name is not a valid cluster name; not dialing");
+            return;
+        }
+    };
+    loop {
+        if shared.shutdown.is_draining() {
+            return;
+        }
+        let reason = match transport::channel(peer.address.clone(), (shared.client_tls.0)(&expect))
+        {
+            Err(e) => e,
+            Ok(channel) => {
+                let mut client = PeerFederationClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                let (tx, rx) = mpsc::channel(64);
+                match client.federate(ReceiverStream::new(rx)).await {
+                    Ok(resp) => {
+                        session(shared.clone(), peer.clone(), tx, resp.into_inner())
+                            .await
+                            .message
+                    }
+                    Err(s) => {
+                        let reason = format!(
+                            "cannot open the federation stream to {} at {}: {}",
+                            peer.name,
+                            peer.address,
+                            s.message()
+                        );
+                        let mut i = peer.lock();
+                        // A peer that cannot be reached backs off to 3.2 s
+                        // at most: the long damping is for sessions that
+                        // connect and drop. (A link's first dials fail
+                        // until the joining side has recorded our bundle;
+                        // a 25 s back-off then delayed the whole link.)
+                        i.flaps = (i.flaps + 1).min(5);
+                        if i.disconnected_since.is_none() && !i.connected {
+                            i.disconnected_since = Some(tokio::time::Instant::now());
+                        }
+                        let now = std::time::SystemTime::now();
+                        if i.connected {
+                            i.last_dial_error = Some((now, reason.clone()));
+                        } else {
+                            i.last_disconnect = Some((now, reason.clone()));
+                        }
+                        reason
+                    }
+                }
+            }
+        };
+        let delay = peer.redial_delay();
+        tracing::debug!(peer.cluster = %peer.name, %reason, ?delay, "redialing");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.shutdown.signaled() => return,
+        }
+    }
+}
+
+/// Watches `<stateDir>/peers`: adds linked peers, and redeems pending
+/// link tokens (the joining side) against the issuing controller.
+pub async fn peers_loop(shared: Arc<Shared>) {
+    let mut in_progress: BTreeSet<String> = BTreeSet::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<String>(16);
+    loop {
+        while let Ok(name) = done_rx.try_recv() {
+            in_progress.remove(&name);
+        }
+        for file in PeerFile::load_all(&shared.state_dir) {
+            if let Some(token) = &file.pending_token {
+                if file.link_error.is_none() && !in_progress.contains(&file.name) {
+                    in_progress.insert(file.name.clone());
+                    let (shared, token, done) = (shared.clone(), token.clone(), done_tx.clone());
+                    let name = file.name.clone();
+                    tokio::spawn(
+                        async move {
+                            link_with(&shared, file, &token).await;
+                            let _ = done.send(name).await;
+                        }
+                        .instrument(info_span!("link")),
+                    );
+                }
+                continue;
+            }
+            if shared.peer(&file.name).is_some() {
+                continue;
+            }
+            let Ok(td) = TrustDomain::new(&file.trust_domain) else {
+                warn!(peer.cluster = %file.name, "peer file has an invalid trust domain; skipped");
+                continue;
+            };
+            let roots = isthmus_core::identity::pem::certs_from_pem(&file.trust_bundle_pem)
+                .unwrap_or_default();
+            let bundle = (!roots.is_empty()).then(|| TrustBundle::new(td.clone(), roots, 1));
+            if add_peer(
+                &shared,
+                PeerState::new(&file.name, &file.address, td, Default::default()),
+                bundle,
+            ) {
+                info!(peer.cluster = %file.name, "linked peer added");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shared.shutdown.signaled() => return,
+        }
+    }
+}
+
+/// First contact from the joining side: calls the issuer's `Link`,
+/// trusting it only through the token's pinned root.
+async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
+    let fail = |mut file: PeerFile, reason: String| {
+        warn!(peer.cluster = %file.name, %reason, "link failed");
+        file.link_error = Some(reason);
+        let _ = file.write(&shared.state_dir);
+    };
+    let token = match Token::decode(encoded) {
+        Ok(t) => t,
+        Err(e) => return fail(file, e.to_string()),
+    };
+    let Ok(expect) = token.payload.identity.parse::<SpiffeId>() else {
+        return fail(
+            file,
+            format!(
+                "token names an invalid identity {:?}",
+                token.payload.identity
+            ),
+        );
+    };
+    let Some(advertised) = shared.advertised.clone() else {
+        return fail(
+            file,
+            "this controller has no address peers can reach: set advertiseAddress".into(),
+        );
+    };
+    let own = match shared.trust.get(&shared.trust_domain) {
+        Some(b) => b.bundle.clone(),
+        None => return fail(file, "own trust bundle missing".into()),
+    };
+    let cfg = isthmus_core::tls::pinned_client_config(&token.payload.root_fingerprint, expect, &[]);
+    let channel = match transport::channel(token.payload.address.clone(), cfg) {
+        Ok(c) => c,
+        Err(e) => return fail(file, e),
+    };
+    let request = LinkRequest {
+        token_id: token.payload.token_id.clone(),
+        proof: token.proof(&shared.cluster),
+        cluster_name: shared.cluster.clone(),
+        controller_address: advertised,
+        trust_bundle: Some(isthmus_proto::common::v1::TrustBundle {
+            trust_domain: own.trust_domain.to_string(),
+            roots_der: own.roots.iter().map(|c| c.as_ref().to_vec()).collect(),
+            sequence: own.sequence,
+            refresh_hint_seconds: 300,
+        }),
+        token: token.encoded.clone(),
+    };
+    let mut client = PeerFederationClient::new(channel);
+    let resp = match tokio::time::timeout(Duration::from_secs(10), client.link(request)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s))
+            if s.code() == tonic::Code::PermissionDenied
+                || s.code() == tonic::Code::InvalidArgument =>
+        {
+            return fail(
+                file,
+                format!(
+                    "{} refused the link: {}",
+                    token.payload.cluster,
+                    s.message()
+                ),
+            );
+        }
+        Ok(Err(s)) => {
+            // Unreachable or a transport problem: retried on the next scan.
+            warn!(peer.cluster = %file.name, error = %s.message(), "link attempt failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+        Err(_) => {
+            warn!(peer.cluster = %file.name, "link attempt timed out; retrying");
+            return;
+        }
+    };
+    let Some(b) = resp
+        .trust_bundle
+        .filter(|b| b.trust_domain == token.payload.trust_domain)
+    else {
+        return fail(file, "the issuer answered without its trust bundle".into());
+    };
+    let roots: Vec<rustls_pki_types::CertificateDer<'static>> = b
+        .roots_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    if !roots
+        .iter()
+        .any(|r| isthmus_core::identity::trust::fingerprint(r) == token.payload.root_fingerprint)
+    {
+        return fail(
+            file,
+            "the issuer's trust bundle does not contain the root the token pinned".into(),
+        );
+    }
+    file.trust_bundle_pem = roots
+        .iter()
+        .map(isthmus_core::identity::pem::cert_to_pem)
+        .collect();
+    file.pending_token = None;
+    file.link_error = None;
+    if let Err(e) = file.write(&shared.state_dir) {
+        warn!(error = %e, "cannot record the linked peer");
+        return;
+    }
+    info!(peer.cluster = %file.name, "linked; federating");
+    // peers_loop adds it on its next scan.
+}

@@ -1,0 +1,190 @@
+//! What every task of one controller shares: the controller's identity,
+//! its catalogue, its peers and what is known of each.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use isthmus_core::drain::DrainSignal;
+use isthmus_core::identity::{SpiffeId, TrustDomain, TrustStore};
+use isthmus_core::model::{Locality, ServiceKey};
+use isthmus_proto::federation::v1 as pb;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::catalog::{Catalog, ExportPolicy};
+use crate::export::Export;
+use crate::import::Conflict;
+use crate::link::TokenStore;
+use crate::metrics::Metrics;
+
+/// State every task of one controller shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub locality: Locality,
+    pub gateway_address: String,
+    /// Random per process: revisions are comparable only within it.
+    pub epoch: String,
+    pub heartbeat: Duration,
+    pub lease: Duration,
+    pub trust: Arc<TrustStore>,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// Configured and linked peers; linked ones appear at run time.
+    pub peers: RwLock<BTreeMap<String, Arc<PeerState>>>,
+    /// Peer controller identities the federation port accepts.
+    pub allowed: Arc<RwLock<BTreeSet<SpiffeId>>>,
+    pub state_dir: PathBuf,
+    pub tokens: TokenStore,
+    /// Where peers reach us, sent when linking.
+    pub advertised: Option<String>,
+    pub client_tls: ClientTls,
+    /// Poked whenever a peer's catalogue or connection changes.
+    pub changed: Arc<Notify>,
+    pub shutdown: DrainSignal,
+    pub metrics: Metrics,
+    pub conflicts: std::sync::Mutex<Vec<Conflict>>,
+}
+
+/// Builds the client TLS config for dialing a peer controller.
+pub struct ClientTls(pub Box<dyn Fn(&SpiffeId) -> rustls::ClientConfig + Send + Sync>);
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl Shared {
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.peers().iter().map(|p| p.status()).collect()
+    }
+
+    /// Every peer, by name.
+    pub fn peers(&self) -> Vec<Arc<PeerState>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn peer(&self, name: &str) -> Option<Arc<PeerState>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// A configured peer and what is known of it.
+#[derive(Debug)]
+pub struct PeerState {
+    pub name: String,
+    pub address: String,
+    pub trust_domain: TrustDomain,
+    pub policy: ExportPolicy,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    /// The peer's exports to us; `None` before the first sync and after
+    /// withdrawal.
+    /// Shared with the reconciler's passes (copy-on-write: a delta copies
+    /// the map only while a pass still holds the previous one).
+    pub imports: Option<Arc<BTreeMap<ServiceKey, Arc<Export>>>>,
+    pub locality: Locality,
+    pub gateway: String,
+    pub applied: Option<(String, u64)>,
+    pub connected: bool,
+    pub session: u64,
+    pub stale: bool,
+    pub last_full_sync: Option<SystemTime>,
+    pub last_event: Option<SystemTime>,
+    pub last_disconnect: Option<(SystemTime, String)>,
+    /// A failed dial while a session (the peer's own dial) was up: kept
+    /// apart, so `status` never shows a connected peer with a fresh
+    /// "disconnect".
+    pub last_dial_error: Option<(SystemTime, String)>,
+    pub disconnected_since: Option<Instant>,
+    pub out_revision: u64,
+    pub out_sent: BTreeMap<ServiceKey, Arc<Export>>,
+    pub out_history: VecDeque<pb::Delta>,
+    pub out_acked: u64,
+    pub flaps: u32,
+}
+
+/// What `isthmus status` shows of one peer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub cluster: String,
+    pub address: String,
+    pub connected: bool,
+    pub stale: bool,
+    pub last_full_sync: Option<String>,
+    pub last_event: Option<String>,
+    pub last_disconnect: Option<String>,
+    pub last_disconnect_reason: Option<String>,
+    /// `<time> <reason>` of the last failed dial while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dial_error: Option<String>,
+    pub exported: usize,
+    pub imported: usize,
+    /// Revisions sent but not yet acknowledged.
+    pub revision_lag: u64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl PeerState {
+    pub fn new(name: &str, address: &str, trust_domain: TrustDomain, policy: ExportPolicy) -> Self {
+        Self {
+            name: name.into(),
+            address: address.into(),
+            trust_domain,
+            policy,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn status(&self) -> PeerStatus {
+        let i = self.lock();
+        PeerStatus {
+            cluster: self.name.clone(),
+            address: self.address.clone(),
+            connected: i.connected,
+            stale: i.stale,
+            last_full_sync: i.last_full_sync.map(rfc3339),
+            last_event: i.last_event.map(rfc3339),
+            last_disconnect: i.last_disconnect.as_ref().map(|(t, _)| rfc3339(*t)),
+            last_disconnect_reason: i.last_disconnect.as_ref().map(|(_, r)| r.clone()),
+            last_dial_error: i
+                .last_dial_error
+                .as_ref()
+                .map(|(t, r)| format!("{} {r}", rfc3339(*t))),
+            exported: i.out_sent.len(),
+            imported: i.imports.as_ref().map_or(0, |m| m.len()),
+            revision_lag: i.out_revision.saturating_sub(i.out_acked),
+        }
+    }
+
+    /// How long to wait before dialing again: 100 ms after a session that
+    /// lasted, doubling per flap up to 30 s (flapping peers are damped).
+    pub(crate) fn redial_delay(&self) -> Duration {
+        let flaps = self.lock().flaps.min(8);
+        (Duration::from_millis(100) * 2u32.pow(flaps)).min(Duration::from_secs(30))
+    }
+}
