@@ -132,10 +132,61 @@ pub async fn start_servers(
         readiness: readiness.local_addr(),
         quit,
     };
-    admin.spawn(drain.clone());
-    metrics.spawn(drain.clone());
-    readiness.spawn(drain.clone());
+    serve_on_own_thread(component, [admin, metrics, readiness], drain.clone()).map_err(
+        |source| BindError {
+            name: "admin thread",
+            addr: out.admin,
+            source,
+        },
+    )?;
     Ok(out)
+}
+
+/// Serves `servers` on a thread of their own (`<component>-admin`) with a
+/// one-thread runtime, as ztunnel and Linkerd's proxy do: a scrape, a
+/// config dump or a readiness probe never waits behind forwarding, and a
+/// sidecar's one data-plane worker never runs them. The thread ends once
+/// the servers have finished after the drain (or the drain's owner is
+/// gone).
+fn serve_on_own_thread(
+    component: &'static str,
+    servers: [BoundServer; 3],
+    drain: DrainWatcher,
+) -> std::io::Result<()> {
+    let mut moved = Vec::with_capacity(servers.len());
+    for s in servers {
+        moved.push((s.name, s.listener.into_std()?, s.router));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("{component}-admin"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut running = Vec::with_capacity(moved.len());
+                for (name, listener, router) in moved {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => running.push(
+                            BoundServer {
+                                name,
+                                listener,
+                                router,
+                            }
+                            .spawn(drain.clone()),
+                        ),
+                        Err(e) => {
+                            tracing::error!(server = name, error = %e, "cannot serve this listener on the admin thread")
+                        }
+                    }
+                }
+                drop(drain);
+                for r in running {
+                    let _ = r.await;
+                }
+            });
+        })?;
+    Ok(())
 }
 
 /// GETs `path` from an admin, metrics or readiness server (HTTP/1.1,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod boot;
 pub mod caclient;
 pub mod config;
 pub mod drain;

@@ -18,6 +18,7 @@ pub mod link;
 pub mod metrics;
 pub mod objects;
 pub mod reconcile;
+pub mod run;
 pub mod service;
 pub mod session;
 pub mod sink;
@@ -30,3 +31,5 @@ pub mod transport;
 /// Directory (under a cluster's manifest directory) where the files sink
 /// writes imported ServiceEntries; the files source never reads it.
 pub const IMPORTS_DIR: &str = "isthmus-imports";
+
+pub use run::run;

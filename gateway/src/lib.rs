@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod quic;
+pub mod run;
 pub mod select;
 pub mod sni;
 pub mod splice;
@@ -39,3 +40,5 @@ pub struct Ctx {
     /// Observes the drain; each tunnel holds it open with `hold()`.
     pub drain: DrainSignal,
 }
+
+pub use run::run;

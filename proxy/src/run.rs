@@ -3,16 +3,15 @@
 //! termination signal. Shared by `isthmus proxy` and the sidecar-only
 //! `isthmus-proxy` binary.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use isthmus_core::backoff::Backoff;
+use isthmus_core::boot;
 use isthmus_core::caclient::RemoteSigner;
-use isthmus_core::identity::{CertificateSigner, RotatingCert, SpiffeId, TrustBundle, TrustStore};
-use isthmus_core::model::MeshState;
+use isthmus_core::identity::{CertificateSigner, SpiffeId, TrustBundle, TrustStore};
 use isthmus_core::telemetry::LogControl;
 use isthmus_proto::config::v1::{Node, node::Kind};
 use tracing::warn;
@@ -24,12 +23,7 @@ use crate::config::ProxyConfig;
 /// threads until it is told to stop.
 pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyhow::Result<()> {
     let config: ProxyConfig = isthmus_core::config::load(config_path)?;
-    let controller: SocketAddr = config.controller.parse().with_context(|| {
-        format!(
-            "controller {:?} must be an IP:port (the controller's local port, 15010)",
-            config.controller
-        )
-    })?;
+    let controller = boot::controller_address(&config.controller)?;
     let Some(token_file) = &config.token_file else {
         bail!(
             "tokenFile is required: the sidecar gets its certificate from the controller's CA with a bootstrap token (a line `<token> {}/{}` of the controller's caTokens file)",
@@ -50,28 +44,34 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
         .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?
         .trim()
         .to_owned();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .thread_name("proxy")
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
+    boot::block_on_runtime("proxy", Some(workers), || async move {
         let w = &config.workload;
         let ttl = config.certificate_ttl;
-        let id = SpiffeId::workload(&config.cluster.trust_domain, &w.namespace, &w.service_account)?;
+        let id = SpiffeId::workload(
+            &config.cluster.trust_domain,
+            &w.namespace,
+            &w.service_account,
+        )?;
         // This cluster's root until the config stream brings the bundles.
-        let trust = TrustStore::with_bundles([TrustBundle::new(config.cluster.trust_domain.clone(), roots, 0)])?;
-        let controller_id = SpiffeId::controller(&config.cluster.trust_domain, &config.cluster.name.0)?;
-        let expect = isthmus_core::identity::verify::Expect::Exactly(controller_id);
+        let trust = TrustStore::with_bundles([TrustBundle::new(
+            config.cluster.trust_domain.clone(),
+            roots,
+            0,
+        )])?;
         let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner {
             addr: controller,
             token,
-            tls: isthmus_core::tls::client_config(None, trust.clone(), expect.clone(), &[b"h2"]),
+            tls: isthmus_core::tls::client_config(
+                None,
+                trust.clone(),
+                boot::controller_identity(&config.cluster)?,
+                &[b"h2"],
+            ),
         });
         // The controller may start after its sidecars: keep asking.
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let cert = loop {
-            match RotatingCert::issue(id.clone(), signer.as_ref(), ttl, isthmus_core::tls::provider()).await {
+        let (cert, _renewal) = loop {
+            match boot::issued_cert(id.clone(), signer.clone(), ttl).await {
                 Ok(c) => break c,
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -81,9 +81,7 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
                 }
             }
         };
-        let _renewal = cert.spawn_renewal(signer, ttl);
         // Bundles (this cluster's and every peer's) come with the config.
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
         let node = Node {
             kind: Kind::Sidecar as i32,
             name: w.name.clone(),
@@ -91,18 +89,36 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             service_account: w.service_account.clone(),
             ..Default::default()
         };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let tls = isthmus_core::tls::client_config(Some(cert.clone()), trust.clone(), expect, &[b"h2"]);
-        tokio::spawn(isthmus_core::meshconfig::subscribe_loop(controller, tls, node, tx, trust.clone(), async move {
-            let _ = stop_rx.await;
-        }));
-        let bound = build(config, Deps { certs: cert, trust, state: rx, logs, access_log: None }).await?;
+        let sub = boot::subscribe(
+            controller,
+            &config.cluster,
+            Some(cert.clone()),
+            trust.clone(),
+            node,
+        )?;
+        let bound = build(
+            config,
+            Deps {
+                certs: cert,
+                trust,
+                state: sub.state.clone(),
+                logs,
+                access_log: None,
+            },
+        )
+        .await?;
         eprintln!(
             "sidecar running: outbound tcp/{}, inbound tcp/{}, admin {}, metrics {}, readiness {}",
-            bound.outbound_addr, bound.inbound_addr, bound.admin_addr, bound.metrics_addr, bound.readiness_addr
+            bound.outbound_addr,
+            bound.inbound_addr,
+            bound.admin_addr,
+            bound.metrics_addr,
+            bound.readiness_addr
         );
-        bound.wait_termination(isthmus_core::signal::drain_deadline_from_env()).await;
-        let _ = stop_tx.send(());
+        bound
+            .wait_termination(isthmus_core::signal::drain_deadline_from_env())
+            .await;
+        drop(sub);
         Ok(())
     })
 }
