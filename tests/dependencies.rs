@@ -36,7 +36,13 @@ fn uses(text: &str, ident: &str) -> bool {
 fn no_workspace_crate_declares_a_dependency_it_does_not_use() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
@@ -62,10 +68,7 @@ fn no_workspace_crate_declares_a_dependency_it_does_not_use() {
         }
         build.push_str(&std::fs::read_to_string(root.join("build.rs")).unwrap_or_default());
         for dep in pkg["dependencies"].as_array().unwrap() {
-            let name = dep["rename"]
-                .as_str()
-                .or(dep["name"].as_str())
-                .unwrap();
+            let name = dep["rename"].as_str().or(dep["name"].as_str()).unwrap();
             if ignored.contains(&name) {
                 continue;
             }

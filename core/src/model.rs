@@ -37,6 +37,18 @@ impl Locality {
             subzone: String::new(),
         }
     }
+
+    /// Whether this locality matches a DestinationRule locality pattern
+    /// (`region/zone/subzone`), as Istio matches them: each part given
+    /// must be equal or `*`; parts left out match anything (`us-west1`
+    /// and `us-west1/*` both mean the whole region).
+    pub fn matches(&self, pattern: &str) -> bool {
+        let parts = [&self.region, &self.zone, &self.subzone];
+        pattern
+            .split('/')
+            .zip(parts)
+            .all(|(p, v)| p == "*" || p == v.as_str())
+    }
 }
 
 impl fmt::Display for Locality {
@@ -257,5 +269,44 @@ impl MeshState {
             && self.virtual_services == other.virtual_services
             && self.peer_authentications == other.peer_authentications
             && self.authorization_policies == other.authorization_policies
+    }
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::Locality;
+
+    #[test]
+    fn locality_patterns_match_as_in_istio() {
+        let l = Locality {
+            region: "us-west1".into(),
+            zone: "us-west1-a".into(),
+            subzone: "rack-3".into(),
+        };
+        for p in [
+            "us-west1",
+            "us-west1/*",
+            "*",
+            "us-west1/us-west1-a",
+            "us-west1/us-west1-a/*",
+            "*/us-west1-a",
+            "us-west1/*/rack-3",
+            "us-west1/us-west1-a/rack-3",
+        ] {
+            assert!(l.matches(p), "{p}");
+        }
+        for p in [
+            "us-east1",
+            "us-east1/*",
+            "us-west1/us-west1-b",
+            "*/us-west1-b",
+            "us-west1/us-west1-a/rack-4",
+            "",
+        ] {
+            assert!(!l.matches(p), "{p}");
+        }
+        // A locality with no zone: a pattern naming one does not match.
+        assert!(!Locality::new("eu", "").matches("eu/eu-1"));
+        assert!(Locality::new("eu", "").matches("eu/*"));
     }
 }

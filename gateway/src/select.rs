@@ -58,21 +58,6 @@ fn locality_tier(c: &RemoteCluster, me: &Locality, failover_to: Option<&str>) ->
     }
 }
 
-/// `region/zone/*`-style prefix match against a locality.
-fn locality_matches(pattern: &str, l: &Locality) -> bool {
-    let parts = [&l.region, &l.zone, &l.subzone];
-    for (i, p) in pattern.split('/').enumerate() {
-        if p == "*" {
-            return true;
-        }
-        match parts.get(i) {
-            Some(v) if v.as_str() == p => {}
-            _ => return false,
-        }
-    }
-    true
-}
-
 /// One candidate with why it is where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -99,11 +84,7 @@ pub fn candidates(
             .find(|(from, _)| *from == me.region)
             .map(|(_, to)| to.as_str())
     });
-    let distribute = lb.and_then(|l| {
-        l.distribute
-            .iter()
-            .find(|(from, _)| locality_matches(from, me))
-    });
+    let distribute = lb.and_then(|l| l.distribute.iter().find(|(from, _)| me.matches(from)));
 
     let mut all: Vec<Candidate> = svc
         .clusters
@@ -117,7 +98,7 @@ pub fn candidates(
             let (tier, weight) = if let Some((_, to)) = distribute {
                 let pct: u32 = to
                     .iter()
-                    .filter(|(p, _)| locality_matches(p, &c.locality))
+                    .filter(|(p, _)| c.locality.matches(p))
                     .map(|(_, w)| *w)
                     .sum();
                 if pct > 0 {

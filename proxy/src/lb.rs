@@ -163,16 +163,6 @@ fn default_outlier() -> OutlierDetection {
     }
 }
 
-/// Istio's locality pattern (`region/zone/subzone`, `*` for any part,
-/// a shorter pattern matching everything below it).
-pub fn locality_matches(pattern: &str, l: &Locality) -> bool {
-    let parts = [l.region.as_str(), l.zone.as_str(), l.subzone.as_str()];
-    pattern
-        .split('/')
-        .zip(parts)
-        .all(|(p, v)| p == "*" || p == v)
-}
-
 /// Balancers for every destination service.
 #[derive(Debug)]
 pub struct Balancers {
@@ -319,14 +309,14 @@ impl Balancers {
         if let Some((_, to)) = want.dr.and_then(|d| d.locality_lb.as_ref()).and_then(|l| {
             l.distribute
                 .iter()
-                .find(|(from, _)| locality_matches(from, &self.locality))
+                .find(|(from, _)| self.locality.matches(from))
         }) {
             let options: Vec<(u32, Vec<&Cand<'_>>)> = to
                 .iter()
                 .map(|(pattern, w)| {
                     let members = all_locals
                         .iter()
-                        .filter(|t| matches!(t, Cand::Local { locality, .. } if locality_matches(pattern, locality)))
+                        .filter(|t| matches!(t, Cand::Local { locality, .. } if locality.matches(pattern)))
                         .collect::<Vec<_>>();
                     (*w, members)
                 })

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode, Uri};
-use isthmus_core::model::istio::Retries;
+use isthmus_core::model::istio::{Retries, TransportFailure};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -306,8 +306,9 @@ async fn route(
                 );
                 let (mut p, b) = resp.into_parts();
                 strip_hop_by_hop(&mut p.headers);
+                let retry = more && retry_status(retries, status, &p.headers);
                 let resp = Response::from_parts(p, incoming(b));
-                if more && retry_status(retries, status) {
+                if retry {
                     debug!(status = %status, upstream = %target.addr(), "retrying");
                     tried.push(target.addr());
                     // If no other target is left, this answer is the one
@@ -339,7 +340,7 @@ async fn route(
                         format!(
                             "upstream connect error or disconnect/reset before headers. reset reason: connection failure ({e})"
                         ),
-                        "connect-failure",
+                        Some(TransportFailure::Connect),
                     ),
                     Failure::Upstream(UpstreamError::Reset(e)) => (
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -347,13 +348,13 @@ async fn route(
                         format!(
                             "upstream connect error or disconnect/reset before headers. reset reason: {e}"
                         ),
-                        "reset",
+                        Some(TransportFailure::Reset),
                     ),
                     Failure::Timeout => (
                         StatusCode::GATEWAY_TIMEOUT,
                         flags::UPSTREAM_TIMEOUT,
                         "upstream request timeout".to_owned(),
-                        "per-try-timeout",
+                        None,
                     ),
                 };
                 rec.labels.response_flags = flag;
@@ -361,13 +362,8 @@ async fn route(
                 let overall_timeout =
                     matches!(f, Failure::Timeout) && deadline.is_some_and(|d| Instant::now() >= d);
                 let retryable = match cond {
-                    "per-try-timeout" => per_try.is_some(),
-                    c => retries.retry_on.iter().any(|r| {
-                        r == c
-                            || r == "5xx"
-                            || r == "gateway-error"
-                            || (c == "reset" && r == "refused-stream")
-                    }),
+                    None => per_try.is_some(),
+                    Some(c) => retries.retry_on.iter().any(|r| r.on_failure(c)),
                 };
                 if more && retryable && !overall_timeout {
                     tried.push(target.addr());
@@ -440,15 +436,14 @@ async fn send(
         .map_err(Failure::Upstream)
 }
 
-fn retry_status(r: &Retries, status: StatusCode) -> bool {
-    let code = status.as_u16();
-    r.retry_on.iter().any(|c| match c.as_str() {
-        "5xx" => status.is_server_error(),
-        "gateway-error" => matches!(code, 502..=504),
-        "retriable-4xx" => code == 409,
-        "unavailable" | "503" => code == 503,
-        other => other.parse::<u16>() == Ok(code),
-    })
+fn retry_status(r: &Retries, status: StatusCode, headers: &hyper::HeaderMap) -> bool {
+    let grpc = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok());
+    r.retry_on
+        .iter()
+        .any(|c| c.on_answer(status.as_u16(), grpc))
 }
 
 /// Envoy's retry back-off: 25 ms base, doubling, jittered.

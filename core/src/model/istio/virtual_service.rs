@@ -33,9 +33,7 @@ pub struct Retries {
     /// Retries after the first try (Istio's `attempts`).
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
-    /// Envoy retry conditions: `5xx`, `gateway-error`, `connect-failure`,
-    /// `refused-stream`, `reset`, `retriable-4xx`, or status codes.
-    pub retry_on: Vec<String>,
+    pub retry_on: Vec<RetryOn>,
 }
 
 impl Default for Retries {
@@ -45,9 +43,95 @@ impl Default for Retries {
         Self {
             attempts: 2,
             per_try_timeout: None,
-            retry_on: ["connect-failure", "refused-stream", "reset", "503"]
-                .map(String::from)
-                .to_vec(),
+            retry_on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::RefusedStream,
+                RetryOn::Reset,
+                RetryOn::Status(503),
+            ],
+        }
+    }
+}
+
+/// One `retryOn` condition: Envoy's names, as Istio passes them on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RetryOn {
+    /// `5xx`: any 5xx answer, and every transport failure.
+    FiveXx,
+    /// `gateway-error`: 502, 503, 504, and every transport failure.
+    GatewayError,
+    /// `connect-failure`: the upstream could not be reached.
+    ConnectFailure,
+    /// `refused-stream`: the upstream refused the stream (counted with
+    /// resets: both are the upstream going away before an answer).
+    RefusedStream,
+    /// `reset`: the connection was reset before an answer.
+    Reset,
+    /// `retriable-4xx`: 409.
+    Retriable4xx,
+    /// A gRPC status in the answer's headers: `cancelled` (1),
+    /// `deadline-exceeded` (4), `resource-exhausted` (8), `internal` (13),
+    /// `unavailable` (14, and HTTP 503).
+    Grpc(u8),
+    /// An HTTP status code (`503`).
+    Status(u16),
+}
+
+/// A transport failure before an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    Connect,
+    Reset,
+}
+
+impl RetryOn {
+    /// Parses one condition of `retryOn`; the error names the accepted
+    /// ones.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "5xx" => RetryOn::FiveXx,
+            "gateway-error" => RetryOn::GatewayError,
+            "connect-failure" => RetryOn::ConnectFailure,
+            "refused-stream" => RetryOn::RefusedStream,
+            "reset" => RetryOn::Reset,
+            "retriable-4xx" => RetryOn::Retriable4xx,
+            "cancelled" => RetryOn::Grpc(1),
+            "deadline-exceeded" => RetryOn::Grpc(4),
+            "resource-exhausted" => RetryOn::Grpc(8),
+            "internal" => RetryOn::Grpc(13),
+            "unavailable" => RetryOn::Grpc(14),
+            other => match other.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) => RetryOn::Status(code),
+                _ => {
+                    return Err(format!(
+                        "{other:?} is not a retry condition Isthmus knows; use 5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable, or an HTTP status code"
+                    ));
+                }
+            },
+        })
+    }
+
+    /// Whether a failure before any answer is retried.
+    pub fn on_failure(self, f: TransportFailure) -> bool {
+        match self {
+            RetryOn::FiveXx | RetryOn::GatewayError => true,
+            RetryOn::ConnectFailure => f == TransportFailure::Connect,
+            RetryOn::Reset | RetryOn::RefusedStream => f == TransportFailure::Reset,
+            _ => false,
+        }
+    }
+
+    /// Whether an answer with `status` (and `grpc_status` from its
+    /// headers, for gRPC) is retried.
+    pub fn on_answer(self, status: u16, grpc_status: Option<u8>) -> bool {
+        match self {
+            RetryOn::FiveXx => (500..=599).contains(&status),
+            RetryOn::GatewayError => (502..=504).contains(&status),
+            RetryOn::Retriable4xx => status == 409,
+            RetryOn::Grpc(14) => status == 503 || grpc_status == Some(14),
+            RetryOn::Grpc(code) => grpc_status == Some(code),
+            RetryOn::Status(code) => status == code,
+            RetryOn::ConnectFailure | RetryOn::RefusedStream | RetryOn::Reset => false,
         }
     }
 }
@@ -273,9 +357,13 @@ impl VirtualService {
                     retry_on: match rs.retry_on {
                         Some(list) => list
                             .split(',')
-                            .map(|c| c.trim().to_owned())
+                            .map(str::trim)
                             .filter(|c| !c.is_empty())
-                            .collect(),
+                            .map(|c| {
+                                RetryOn::parse(c)
+                                    .map_err(|d| e(format!("{}: {d}", at("retries.retryOn"))))
+                            })
+                            .collect::<Result<_, _>>()?,
                         None => Retries::default().retry_on,
                     },
                 },
@@ -411,6 +499,10 @@ mod tests {
                 json!({"hosts": ["a"], "gateways": ["ingress"], "http": []}),
                 "mesh routes",
             ),
+            (
+                json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}], "retries": {"attempts": 2, "retryOn": "5xx,connect-failures"}}]}),
+                "http[0].retries.retryOn: \"connect-failures\" is not a retry condition",
+            ),
         ];
         for (spec, want) in cases {
             let e = VirtualService::from_spec("ns", "bad", &spec)
@@ -419,6 +511,31 @@ mod tests {
             assert!(e.starts_with("VirtualService ns/bad: "), "{e}");
             assert!(e.contains(want), "{e} should contain {want}");
         }
+    }
+
+    #[test]
+    fn retry_conditions_follow_envoys_meaning() {
+        use TransportFailure::{Connect, Reset};
+        let p = |s: &str| RetryOn::parse(s).unwrap();
+        assert!(p("5xx").on_failure(Connect) && p("5xx").on_answer(500, None));
+        assert!(!p("5xx").on_answer(404, None));
+        assert!(
+            p("gateway-error").on_answer(504, None) && !p("gateway-error").on_answer(500, None)
+        );
+        assert!(
+            p("connect-failure").on_failure(Connect) && !p("connect-failure").on_failure(Reset)
+        );
+        assert!(p("refused-stream").on_failure(Reset) && p("reset").on_failure(Reset));
+        assert!(
+            p("retriable-4xx").on_answer(409, None) && !p("retriable-4xx").on_answer(404, None)
+        );
+        assert!(p("unavailable").on_answer(503, None) && p("unavailable").on_answer(200, Some(14)));
+        assert!(
+            p("resource-exhausted").on_answer(200, Some(8))
+                && !p("internal").on_answer(200, Some(8))
+        );
+        assert!(p("503").on_answer(503, None) && !p("503").on_failure(Connect));
+        assert!(RetryOn::parse("600").is_err() && RetryOn::parse("5XX").is_err());
     }
 
     #[test]
