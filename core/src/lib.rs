@@ -18,6 +18,7 @@ pub mod readiness;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -23,41 +23,9 @@ use crate::identity::{TrustBundle, TrustDomain, TrustStore};
 use crate::model::istio::DRY_RUN_ANNOTATION;
 use crate::model::{
     AuthorizationPolicy, DestinationRule, Endpoint, EndpointGroup, ImportedService, LocalService,
-    Locality, MeshState, PeerAuthentication, PeerGateway, RemoteCluster, ServiceKey, ServicePort,
-    VirtualService,
+    MeshState, PeerAuthentication, PeerGateway, RemoteCluster, ServicePort, VirtualService,
 };
-
-fn loc(l: &Locality) -> pbc::Locality {
-    pbc::Locality {
-        region: l.region.clone(),
-        zone: l.zone.clone(),
-        subzone: l.subzone.clone(),
-    }
-}
-
-fn unloc(l: Option<pbc::Locality>) -> Locality {
-    l.map(|l| Locality {
-        region: l.region,
-        zone: l.zone,
-        subzone: l.subzone,
-    })
-    .unwrap_or_default()
-}
-
-fn key(k: &ServiceKey) -> Option<pbc::ServiceKey> {
-    Some(pbc::ServiceKey {
-        namespace: k.namespace.clone(),
-        name: k.name.clone(),
-    })
-}
-
-fn unkey(k: Option<pbc::ServiceKey>) -> Result<ServiceKey, String> {
-    let k = k.ok_or("resource without a service key")?;
-    if k.namespace.is_empty() || k.name.is_empty() {
-        return Err("empty service key".into());
-    }
-    Ok(ServiceKey::new(&k.namespace, &k.name))
-}
+use crate::wire;
 
 fn ports(p: &[ServicePort]) -> Vec<pb::Port> {
     p.iter()
@@ -131,7 +99,7 @@ pub fn to_resources(
     let mut out = Vec::new();
     for s in state.local.values() {
         out.push(R::LocalService(pb::LocalService {
-            key: key(&s.key),
+            key: Some(pbc::ServiceKey::from(&s.key)),
             ports: ports(&s.ports),
             endpoints: s
                 .endpoints
@@ -144,7 +112,7 @@ pub fn to_resources(
                         .map(|(k, v)| (k.clone(), u32::from(*v)))
                         .collect(),
                     ready: e.ready,
-                    locality: Some(loc(&e.locality)),
+                    locality: Some(pbc::Locality::from(&e.locality)),
                     labels: e.labels.clone().into_iter().collect(),
                     identity: String::new(),
                     workload: e.workload.clone(),
@@ -155,21 +123,21 @@ pub fn to_resources(
     }
     for s in state.imported.values() {
         out.push(R::ImportedService(pb::ImportedService {
-            key: key(&s.key),
+            key: Some(pbc::ServiceKey::from(&s.key)),
             ports: ports(&s.ports),
             clusters: s
                 .clusters
                 .iter()
                 .map(|c| pb::RemoteCluster {
                     cluster_name: c.cluster.clone(),
-                    locality: Some(loc(&c.locality)),
+                    locality: Some(pbc::Locality::from(&c.locality)),
                     healthy: c.groups.iter().map(|g| g.healthy).sum(),
                     total: c.groups.iter().map(|g| g.total).sum(),
                     groups: c
                         .groups
                         .iter()
                         .map(|g| pb::EndpointGroupRef {
-                            locality: Some(loc(&g.locality)),
+                            locality: Some(pbc::Locality::from(&g.locality)),
                             labels: g.labels.clone().into_iter().collect(),
                             healthy: g.healthy,
                             total: g.total,
@@ -185,7 +153,7 @@ pub fn to_resources(
             cluster_name: g.cluster.clone(),
             trust_domain: g.trust_domain.to_string(),
             address: g.address.to_string(),
-            locality: Some(loc(&g.locality)),
+            locality: Some(pbc::Locality::from(&g.locality)),
         }));
     }
     let policy = |kind: &str, api: &str, ns: &str, name: &str, spec: &str| {
@@ -247,12 +215,7 @@ pub fn to_resources(
         out.push(r);
     }
     for b in bundles {
-        out.push(R::TrustBundle(pbc::TrustBundle {
-            trust_domain: b.trust_domain.to_string(),
-            roots_der: b.roots.iter().map(|r| r.as_ref().to_vec()).collect(),
-            sequence: b.sequence,
-            refresh_hint_seconds: 300,
-        }));
+        out.push(R::TrustBundle(pbc::TrustBundle::from(b)));
     }
     out.into_iter()
         .filter_map(|r| {
@@ -294,7 +257,7 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
         let result: Result<(), String> = (|| {
             match r.resource.clone().ok_or("empty resource")? {
                 R::LocalService(s) => {
-                    let k = unkey(s.key)?;
+                    let k = wire::service_key(s.key)?;
                     let mut endpoints = Vec::new();
                     for e in s.endpoints {
                         endpoints.push(Endpoint {
@@ -310,7 +273,7 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                                 })
                                 .collect::<Result<_, String>>()?,
                             ready: e.ready,
-                            locality: unloc(e.locality),
+                            locality: wire::locality(e.locality),
                             labels: e.labels.into_iter().collect(),
                             workload: e.workload,
                         });
@@ -326,7 +289,7 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                     );
                 }
                 R::ImportedService(s) => {
-                    let k = unkey(s.key)?;
+                    let k = wire::service_key(s.key)?;
                     state.imported.insert(
                         k.clone(),
                         Arc::new(ImportedService {
@@ -337,12 +300,12 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                                 .into_iter()
                                 .map(|c| RemoteCluster {
                                     cluster: c.cluster_name,
-                                    locality: unloc(c.locality),
+                                    locality: wire::locality(c.locality),
                                     groups: c
                                         .groups
                                         .into_iter()
                                         .map(|g| EndpointGroup {
-                                            locality: unloc(g.locality),
+                                            locality: wire::locality(g.locality),
                                             labels: g.labels.into_iter().collect(),
                                             healthy: g.healthy,
                                             total: g.total,
@@ -365,7 +328,7 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                                 .address
                                 .parse()
                                 .map_err(|_| format!("gateway address {:?}", g.address))?,
-                            locality: unloc(g.locality),
+                            locality: wire::locality(g.locality),
                         },
                     );
                 }
@@ -419,17 +382,7 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                         other => return Err(format!("unknown policy kind {other:?}")),
                     }
                 }
-                R::TrustBundle(b) => {
-                    let td = TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?;
-                    bundles.push(TrustBundle::new(
-                        td,
-                        b.roots_der
-                            .into_iter()
-                            .map(rustls_pki_types::CertificateDer::from)
-                            .collect(),
-                        b.sequence,
-                    ));
-                }
+                R::TrustBundle(b) => bundles.push(TrustBundle::try_from(b)?),
             }
             Ok(())
         })();

@@ -207,12 +207,7 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
         proof: token.proof(&shared.cluster),
         cluster_name: shared.cluster.clone(),
         controller_address: advertised,
-        trust_bundle: Some(isthmus_proto::common::v1::TrustBundle {
-            trust_domain: own.trust_domain.to_string(),
-            roots_der: own.roots.iter().map(|c| c.as_ref().to_vec()).collect(),
-            sequence: own.sequence,
-            refresh_hint_seconds: 300,
-        }),
+        trust_bundle: Some((&own).into()),
         token: token.encoded.clone(),
     };
     let mut client = PeerFederationClient::new(channel);

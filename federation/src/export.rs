@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use isthmus_core::identity::TrustBundle;
-use isthmus_core::model::{EndpointGroup, Locality, ServiceKey, ServicePort};
+use isthmus_core::model::{EndpointGroup, ServiceKey, ServicePort};
+use isthmus_core::wire;
 use isthmus_proto::common::v1 as pbc;
 use isthmus_proto::federation::v1 as pb;
 
@@ -46,29 +46,9 @@ impl Export {
     }
 }
 
-pub fn locality_to_pb(l: &Locality) -> pbc::Locality {
-    pbc::Locality {
-        region: l.region.clone(),
-        zone: l.zone.clone(),
-        subzone: l.subzone.clone(),
-    }
-}
-
-pub fn locality_from_pb(l: Option<pbc::Locality>) -> Locality {
-    l.map(|l| Locality {
-        region: l.region,
-        zone: l.zone,
-        subzone: l.subzone,
-    })
-    .unwrap_or_default()
-}
-
 pub fn export_to_pb(e: &Export) -> pb::ExportedService {
     pb::ExportedService {
-        key: Some(pbc::ServiceKey {
-            namespace: e.key.namespace.clone(),
-            name: e.key.name.clone(),
-        }),
+        key: Some(pbc::ServiceKey::from(&e.key)),
         ports: e
             .ports
             .iter()
@@ -83,7 +63,7 @@ pub fn export_to_pb(e: &Export) -> pb::ExportedService {
             .groups
             .iter()
             .map(|g| pb::EndpointGroup {
-                locality: Some(locality_to_pb(&g.locality)),
+                locality: Some(pbc::Locality::from(&g.locality)),
                 labels: g.labels.clone().into_iter().collect(),
                 healthy: g.healthy,
                 total: g.total,
@@ -91,23 +71,6 @@ pub fn export_to_pb(e: &Export) -> pb::ExportedService {
             .collect(),
         export_created_unix: e.created,
     }
-}
-
-pub fn key_from_pb(k: Option<pbc::ServiceKey>) -> Result<ServiceKey, String> {
-    let k = k.ok_or("service without a key")?;
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    if !label(&k.namespace) || !label(&k.name) {
-        return Err(format!(
-            "service key {}/{} is not two DNS labels",
-            k.namespace, k.name
-        ));
-    }
-    Ok(ServiceKey::new(&k.namespace, &k.name))
 }
 
 /// An export from its encoding (kept, to pass on unchanged).
@@ -121,7 +84,7 @@ pub fn export_from_bytes(encoded: prost::bytes::Bytes) -> Result<Export, String>
 }
 
 pub fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
-    let key = key_from_pb(s.key)?;
+    let key = wire::service_key(s.key)?;
     let mut ports = Vec::new();
     for p in s.ports {
         let port = u16::try_from(p.port)
@@ -139,7 +102,7 @@ pub fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
         .endpoints
         .into_iter()
         .map(|g| EndpointGroup {
-            locality: locality_from_pb(g.locality),
+            locality: wire::locality(g.locality),
             labels: g.labels.into_iter().collect(),
             healthy: g.healthy.min(g.total),
             total: g.total,
@@ -152,13 +115,4 @@ pub fn export_from_pb(s: pb::ExportedService) -> Result<Export, String> {
         created: s.export_created_unix.max(0),
         encoded: Default::default(),
     })
-}
-
-pub fn bundle_to_pb(b: &TrustBundle) -> pbc::TrustBundle {
-    pbc::TrustBundle {
-        trust_domain: b.trust_domain.to_string(),
-        roots_der: b.roots.iter().map(|r| r.as_ref().to_vec()).collect(),
-        sequence: b.sequence,
-        refresh_hint_seconds: 300,
-    }
 }

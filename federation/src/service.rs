@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use isthmus_core::identity::{Role, TrustBundle, TrustDomain, TrustStore};
+use isthmus_core::identity::{Role, TrustBundle, TrustStore};
 use isthmus_proto::federation::v1::peer_federation_server::PeerFederation;
 use isthmus_proto::federation::v1::{LinkRequest, LinkResponse, PeerMessage};
 use tokio::sync::mpsc;
@@ -43,14 +43,9 @@ impl PeerFederation for FederationService {
         let bundle = r
             .trust_bundle
             .ok_or_else(|| Status::invalid_argument("link request without a trust bundle"))?;
-        let td = TrustDomain::new(&bundle.trust_domain)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let roots: Vec<rustls_pki_types::CertificateDer<'static>> = bundle
-            .roots_der
-            .into_iter()
-            .map(rustls_pki_types::CertificateDer::from)
-            .collect();
-        let peer_bundle = TrustBundle::new(td.clone(), roots.clone(), bundle.sequence.max(1));
+        let mut peer_bundle = TrustBundle::try_from(bundle).map_err(Status::invalid_argument)?;
+        peer_bundle.sequence = peer_bundle.sequence.max(1);
+        let (td, roots) = (peer_bundle.trust_domain.clone(), peer_bundle.roots.clone());
         // Refuse an unusable bundle before spending the token.
         TrustStore::with_bundles([peer_bundle.clone()])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -91,17 +86,7 @@ impl PeerFederation for FederationService {
             .ok_or_else(|| Status::internal("own trust bundle missing"))?;
         Ok(Response::new(LinkResponse {
             cluster_name: shared.cluster.clone(),
-            trust_bundle: Some(isthmus_proto::common::v1::TrustBundle {
-                trust_domain: own.bundle.trust_domain.to_string(),
-                roots_der: own
-                    .bundle
-                    .roots
-                    .iter()
-                    .map(|c| c.as_ref().to_vec())
-                    .collect(),
-                sequence: own.bundle.sequence,
-                refresh_hint_seconds: 300,
-            }),
+            trust_bundle: Some((&own.bundle).into()),
         }))
     }
 

@@ -22,10 +22,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
-use crate::export::{
-    Export, bundle_to_pb, export_from_bytes, key_from_pb, locality_from_pb, locality_to_pb,
-};
+use crate::export::{Export, export_from_bytes};
 use crate::state::{Inner, PeerState, Shared};
+use isthmus_core::wire;
 
 /// Largest message accepted or sent on a federation stream.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -166,7 +165,7 @@ where
         protocol_version: pb::PROTOCOL_VERSION,
         cluster_name: shared.cluster.clone(),
         trust_domain: shared.trust_domain.to_string(),
-        locality: Some(locality_to_pb(&shared.locality)),
+        locality: Some(pbc::Locality::from(&shared.locality)),
         gateway_address: shared.gateway_address.clone(),
         epoch: shared.epoch.clone(),
         resume_epoch,
@@ -239,14 +238,18 @@ where
         let mut i = peer.lock();
         i.connected = true;
         i.disconnected_since = None;
-        i.locality = locality_from_pb(theirs.locality.clone());
+        i.locality = wire::locality(theirs.locality.clone());
         i.gateway = theirs.gateway_address.clone();
         i.last_event = Some(SystemTime::now());
     }
     shared.changed.notify_one();
 
     if let Some(own) = shared.trust.get(&shared.trust_domain)
-        && let Err(e) = send(tx, msg(Message::TrustBundle(bundle_to_pb(&own.bundle)))).await
+        && let Err(e) = send(
+            tx,
+            msg(Message::TrustBundle(pbc::TrustBundle::from(&own.bundle))),
+        )
+        .await
     {
         return e;
     }
@@ -417,10 +420,7 @@ fn delta(
         .out_sent
         .keys()
         .filter(|k| !current.contains_key(*k))
-        .map(|k| pbc::ServiceKey {
-            namespace: k.namespace.clone(),
-            name: k.name.clone(),
-        })
+        .map(pbc::ServiceKey::from)
         .collect();
     if upserts.is_empty() && removals.is_empty() {
         return None;
@@ -518,7 +518,7 @@ async fn handle(
             }
             let mut removals = Vec::new();
             for k in d.removals {
-                match key_from_pb(Some(k)) {
+                match ServiceKey::try_from(k) {
                     Ok(k) => removals.push(k),
                     Err(e) => {
                         let _ = tx.send(goodbye(Reason::Malformed, &e)).await;
@@ -566,14 +566,8 @@ async fn handle(
                     format!("identity mismatch: {detail}"),
                 ));
             }
-            let bundle = TrustBundle::new(
-                peer.trust_domain.clone(),
-                b.roots_der
-                    .into_iter()
-                    .map(rustls_pki_types::CertificateDer::from)
-                    .collect(),
-                b.sequence,
-            );
+            // The trust domain was checked above: it is the peer's.
+            let bundle = TrustBundle::try_from(b).map_err(|e| end(EndReason::Malformed, e))?;
             match shared.trust.upsert(bundle) {
                 Ok(outcome) => debug!(peer.cluster = %peer.name, ?outcome, "peer trust bundle"),
                 Err(e) => {
