@@ -78,20 +78,20 @@ impl Drop for Subscription {
 }
 
 /// Subscribes `node` to the controller at `controller` (its local port,
-/// 15010), checked to be `cluster`'s controller; presents `cert` when
-/// given. Peers' trust bundles from the stream go into `trust`. Reconnects
+/// 15010), checked to be `cluster`'s controller, presenting `cert`. Peers' trust bundles from the stream go into `trust`. Reconnects
 /// until the subscription is dropped.
 pub fn subscribe(
     controller: SocketAddr,
     cluster: &ClusterSection,
-    cert: Option<Arc<RotatingCert>>,
-    trust: Arc<TrustStore>,
+    cert: &Arc<RotatingCert>,
+    trust: &Arc<TrustStore>,
     node: Node,
 ) -> anyhow::Result<Subscription> {
     let (tx, state) = watch::channel(Arc::new(MeshState::default()));
     let (stop, stopped) = oneshot::channel::<()>();
+    let trust = trust.clone();
     let tls = crate::tls::client_config(
-        cert.map(|c| c as Arc<dyn rustls::client::ResolvesClientCert>),
+        Some(cert.clone() as Arc<dyn rustls::client::ResolvesClientCert>),
         trust.clone(),
         controller_identity(cluster)?,
         &[b"h2"],

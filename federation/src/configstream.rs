@@ -3,9 +3,10 @@
 //! what changed (resources upserted or removed by key), including the
 //! trust bundles of this cluster and all its peers.
 //!
-//! The local port is plaintext gRPC for now, like Istio's 15010: in the
-//! embedded mode it is bound to loopback. Serving it (and the CA
-//! service) over mTLS with workload certificates is still to do.
+//! The local port is gRPC over TLS with the controller's certificate
+//! (`app.rs`): subscribers check it is their own cluster's controller; a
+//! client certificate is optional (a sidecar asking the CA service for its
+//! first one has none) and verified in full when presented.
 
 use std::pin::Pin;
 use std::sync::Arc;

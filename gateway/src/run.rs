@@ -43,13 +43,7 @@ pub fn run(config_path: &Path, logs: Option<LogControl>) -> anyhow::Result<()> {
             name: format!("{}-gateway", config.cluster.name),
             ..Default::default()
         };
-        let sub = boot::subscribe(
-            controller,
-            &config.cluster,
-            Some(cert.clone()),
-            trust.clone(),
-            node,
-        )?;
+        let sub = boot::subscribe(controller, &config.cluster, &cert, &trust, node)?;
         let bound = build(
             config,
             Deps {

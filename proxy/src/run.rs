@@ -89,13 +89,7 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             service_account: w.service_account.clone(),
             ..Default::default()
         };
-        let sub = boot::subscribe(
-            controller,
-            &config.cluster,
-            Some(cert.clone()),
-            trust.clone(),
-            node,
-        )?;
+        let sub = boot::subscribe(controller, &config.cluster, &cert, &trust, node)?;
         let bound = build(
             config,
             Deps {

@@ -608,10 +608,7 @@ impl AuthorizationPolicy {
                 (p, None)
             }
             Err(e) => {
-                let selector = spec
-                    .get("selector")
-                    .and_then(|s| serde_json::from_value::<SelectorSpec>(s.clone()).ok())
-                    .map(|s| s.match_labels);
+                let selector = SelectorSpec::read_alone(spec);
                 let action = match spec.get("action").and_then(|a| a.as_str()) {
                     Some("DENY") => AuthzAction::Deny,
                     _ => AuthzAction::Allow,

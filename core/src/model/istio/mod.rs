@@ -119,5 +119,18 @@ impl StringMatchSpec {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SelectorSpec {
     #[serde(default)]
-    match_labels: BTreeMap<String, String>,
+    pub(crate) match_labels: BTreeMap<String, String>,
+}
+
+impl SelectorSpec {
+    /// The `selector.matchLabels` of a spec that may be broken elsewhere
+    /// (a security policy kept in its strictest form still applies only
+    /// where it selects); `None` when absent or unreadable, which selects
+    /// the whole namespace.
+    pub(crate) fn read_alone(spec: &serde_json::Value) -> Option<BTreeMap<String, String>> {
+        let s = spec.get("selector")?;
+        serde_json::from_value::<SelectorSpec>(s.clone())
+            .ok()
+            .map(|s| s.match_labels)
+    }
 }

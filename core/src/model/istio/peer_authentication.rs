@@ -127,10 +127,7 @@ impl PeerAuthentication {
         match Self::from_spec(namespace, name, spec) {
             Ok(p) => (p, None),
             Err(e) => {
-                let selector = spec
-                    .get("selector")
-                    .and_then(|s| serde_json::from_value::<SelectorSpec>(s.clone()).ok())
-                    .map(|s| s.match_labels);
+                let selector = SelectorSpec::read_alone(spec);
                 let p = Self {
                     namespace: namespace.into(),
                     name: name.into(),
