@@ -248,7 +248,7 @@ async fn memory_per_remote() -> (f64, f64, f64) {
     std::fs::write(
         &cfg,
         format!(
-            "kind: Controller\ncluster: {{name: {}, trustDomain: {}}}\ncaDir: {}\nsourceDir: {}\nlisten: {{federation: \"{}\", local: \"127.0.0.1:0\"}}\ngatewayAddress: \"127.0.0.1:15443\"\npeers:\n{peers_yaml}admin: {{admin: \"{admin}\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\"}}\n",
+            "kind: Controller\ncluster: {{name: {}, trustDomain: {}}}\ncaDir: {}\nsource: {{files: {}}}\nlisten: {{federation: \"{}\", local: \"127.0.0.1:0\"}}\ngatewayAddress: \"127.0.0.1:15443\"\npeers:\n{peers_yaml}admin: {{admin: \"{admin}\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\"}}\n",
             measured.name,
             measured.domain.td,
             measured.dir.join("ca").display(),

@@ -47,7 +47,7 @@ admin:
     for expected in [
         "cluster.name: cluster name \"East_1\" is invalid",
         "cluster.locality.zon: unknown field (fix: did you mean `zone`?)",
-        "sourceDir: missing",
+        "source: is missing: the controller must read its cluster from somewhere (fix: set source: {files: <directory of the cluster's manifests>})",
         "listen.federation: \"0.0.0.0:99999\" is not an address",
         "staleLease: \"forever\" is not a duration",
         "peers[0].trustDomain: missing",
@@ -119,4 +119,27 @@ fn malformed_yaml_names_the_line() {
     assert!(!ok);
     assert!(err.contains("not valid YAML"), "{err}");
     assert!(err.contains("line") || err.contains(":2:"), "{err}");
+}
+
+#[test]
+fn the_source_is_chosen_by_its_section_and_sourcedir_is_its_older_spelling() {
+    let base = "kind: Controller\ncluster: { name: east, trustDomain: east.local }\ncaDir: ca\ngatewayAddress: 127.0.1.1:15443\n";
+    let (ok, out, err) = check(&format!("{base}source: {{ files: manifests }}\n"));
+    assert!(ok, "{err}");
+    let (ok2, out2, err2) = check(&format!("{base}sourceDir: manifests\n"));
+    assert!(ok2, "{err2}");
+    let config = |o: &str| o.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(config(&out), config(&out2), "the same effective config");
+    assert!(out.contains("\"dir\": \"manifests\""), "{out}");
+    let (ok, _, err) = check(&format!(
+        "{base}source: {{ files: manifests }}\nsourceDir: manifests\n"
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains("sourceDir: both source.files and sourceDir are set (fix: keep source.files"),
+        "{err}"
+    );
+    let (ok, _, err) = check(&format!("{base}source: {{ kube: {{}} }}\n"));
+    assert!(!ok);
+    assert!(err.contains("source.kube: unknown field"), "{err}");
 }

@@ -138,7 +138,7 @@ impl Cluster {
             })
             .collect();
         let controller = format!(
-            "kind: Controller\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncaDir: {d}/ca\nsourceDir: {d}/manifests\n\
+            "kind: Controller\ncluster: {{name: {n}, trustDomain: {n}.local, locality: {{region: {region}}}}}\ncaDir: {d}/ca\nsource: {{files: {d}/manifests}}\n\
              listen: {{federation: \"127.0.0.1:{f}\", local: \"127.0.0.1:{l}\"}}\ngatewayAddress: \"127.0.0.1:{g}\"\nheartbeatInterval: 200ms\n\
              peers: [{peers}]\n\
              admin: {{admin: \"127.0.0.1:0\", metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\"}}\n",

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{Instrument, info, info_span};
 
 use crate::catalog::Catalog;
-use crate::config::ControllerConfig;
+use crate::config::{ControllerConfig, SourceConfig};
 use crate::dial::{add_peer, peers_loop};
 use crate::link::{PeerFile, TokenStore};
 use crate::metrics::{Metrics, RejectedLabels};
@@ -153,9 +153,9 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     // Source → store → catalogue.
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     tokio::spawn(
-        FilesSource::new(&config.source_dir)
+        FilesSource::new(config.source.dir())
             .run(events_tx)
-            .instrument(info_span!("source", dir = %config.source_dir.display())),
+            .instrument(info_span!("source", dir = %config.source.dir().display())),
     );
     let (mut store, mut objects) = Store::new(&Kind::ALL);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
@@ -274,7 +274,11 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
 
     // Peers from the config and from earlier links, seeded from the
     // ServiceEntries a previous run wrote.
-    let sink: Arc<dyn Sink> = Arc::new(FilesSink::new(&config.source_dir, gateway));
+    // The sink follows the source: a cluster read from files gets its
+    // imports as files beside its manifests.
+    let sink: Arc<dyn Sink> = match &config.source {
+        SourceConfig::Files { dir } => Arc::new(FilesSink::new(dir, gateway)),
+    };
     let mut seeded = sink.seed();
     let mut initial: Vec<(PeerState, Option<TrustBundle>)> = config
         .peers

@@ -37,14 +37,33 @@ pub struct PeerConfig {
     pub export_to: crate::catalog::ExportPolicy,
 }
 
+/// Where the controller reads its cluster from (`source:`), and so where
+/// it writes its imports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceConfig {
+    /// `source: {files: DIR}`: a directory of Kubernetes YAML, watched;
+    /// imports are written as ServiceEntry files under
+    /// `DIR/isthmus-imports/`. (`sourceDir: DIR` is the older spelling.)
+    Files { dir: PathBuf },
+}
+
+impl SourceConfig {
+    /// The directory, for the files source.
+    pub fn dir(&self) -> &std::path::Path {
+        match self {
+            SourceConfig::Files { dir } => dir,
+        }
+    }
+}
+
 /// The controller's whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ControllerConfig {
     pub cluster: ClusterSection,
     /// Directory of the cluster CA (`isthmus ca cluster` output).
     pub ca_dir: PathBuf,
-    /// Directory of Kubernetes YAML the files source watches.
-    pub source_dir: PathBuf,
+    pub source: SourceConfig,
     pub federation_addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub dashboard_addr: SocketAddr,
@@ -79,7 +98,29 @@ impl FromConfig for ControllerConfig {
         check_kind(r, "Controller");
         let cluster = r.section::<ClusterSection>("cluster");
         let ca_dir = r.required("caDir");
-        let source_dir = r.required("sourceDir");
+        let src = r.object("source");
+        let files: Option<PathBuf> = src.optional("files");
+        src.finish();
+        let short: Option<PathBuf> = r.optional("sourceDir");
+        let source_dir = match (files, short) {
+            (Some(d), None) | (None, Some(d)) => Some(d),
+            (Some(_), Some(_)) => {
+                r.error(
+                    "sourceDir",
+                    "both source.files and sourceDir are set",
+                    "keep source.files (sourceDir is its older spelling)",
+                );
+                None
+            }
+            (None, None) => {
+                r.error(
+                    "source",
+                    "is missing: the controller must read its cluster from somewhere",
+                    "set source: {files: <directory of the cluster's manifests>}",
+                );
+                None
+            }
+        };
         let listen = r.object("listen");
         let federation_addr = listen.or(
             "federation",
@@ -143,7 +184,9 @@ impl FromConfig for ControllerConfig {
         Some(Self {
             cluster: cluster?,
             ca_dir: ca_dir?,
-            source_dir: source_dir.clone()?,
+            source: SourceConfig::Files {
+                dir: source_dir.clone()?,
+            },
             federation_addr,
             local_addr,
             dashboard_addr,

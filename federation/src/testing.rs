@@ -121,7 +121,9 @@ impl TestCluster {
                 locality: self.locality.clone(),
             },
             ca_dir: self.dir.join("ca"),
-            source_dir: self.dir.clone(),
+            source: crate::config::SourceConfig::Files {
+                dir: self.dir.clone(),
+            },
             federation_addr: self.federation,
             local_addr: any,
             dashboard_addr: any,

@@ -526,7 +526,7 @@ impl Harness {
         std::fs::write(
             c.dir.join("controller.yaml"),
             format!(
-                "kind: Controller\n{cluster}\ncaDir: {ca}\nsourceDir: {m}\ncaTokens: {t}\n\
+                "kind: Controller\n{cluster}\ncaDir: {ca}\nsource: {{files: {m}}}\ncaTokens: {t}\n\
                  listen: {{federation: \"{ctl}:15012\", local: \"{ctl}:15010\"}}\n\
                  gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: {lease}ms\n{a}\n",
                 lease = self.stale_lease.as_millis(),
