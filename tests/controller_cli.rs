@@ -194,6 +194,37 @@ fn controllers_as_processes_federate_and_status_tells_the_truth_through_a_kill()
         "{table}"
     );
 
+    // A policy that cannot be applied as written shows in `isthmus status`
+    // (the table and JSON), with what it does instead.
+    std::fs::write(
+        east.dir.join("manifests/policy.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-jwt, namespace: sample}\nspec: {action: DENY, rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}\n",
+    )
+    .unwrap();
+    eventually(
+        "the refused policy in status",
+        Duration::from_secs(10),
+        || {
+            east.status().is_some_and(|s| {
+                s["config_problems"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1)
+            })
+        },
+    );
+    let table = isthmus(&[
+        "status",
+        "--controller",
+        &format!("127.0.0.1:{}", east.admin),
+    ]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("configuration not applied as written:")
+            && table.contains("AuthorizationPolicy sample/deny-jwt: rules[0].from[0].source.requestPrincipals: request authentication (JWT) is not supported")
+            && table.contains("denies every request to the workloads it selects until fixed"),
+        "{table}"
+    );
+
     // SIGKILL west: east keeps the import, stale, then withdraws it.
     west_p.0.kill().unwrap();
     west_p.0.wait().unwrap();
