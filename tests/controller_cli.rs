@@ -3,7 +3,7 @@
 //! one is killed with SIGKILL.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static str {
@@ -18,13 +18,7 @@ fn free_port() -> u16 {
     isthmus_federation::testing::unused_port()
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use isthmus_e2e::Proc;
 
 struct Cluster {
     name: &'static str,
@@ -108,15 +102,15 @@ staleLease: 3s
     }
 
     fn start(&self, config: &Path) -> Proc {
-        Proc(
+        Proc::spawn(
+            self.name,
             Command::new(bin())
                 .args(["controller", "--config", config.to_str().unwrap()])
                 .env("ISTHMUS_LOG", "warn")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .stderr(Stdio::null()),
         )
+        .unwrap()
     }
 
     fn status(&self) -> Option<serde_json::Value> {
@@ -170,7 +164,7 @@ fn controllers_as_processes_federate_and_status_tells_the_truth_through_a_kill()
         );
     }
     let _east_p = east.start(&east_cfg);
-    let mut west_p = west.start(&west_cfg);
+    let west_p = west.start(&west_cfg);
 
     eventually("east imports helloworld", Duration::from_secs(20), || {
         east.service_entry().exists()
@@ -226,8 +220,7 @@ fn controllers_as_processes_federate_and_status_tells_the_truth_through_a_kill()
     );
 
     // SIGKILL west: east keeps the import, stale, then withdraws it.
-    west_p.0.kill().unwrap();
-    west_p.0.wait().unwrap();
+    west_p.kill();
     eventually("east marks west stale", Duration::from_secs(10), || {
         east.status()
             .is_some_and(|s| s["peers"][0]["stale"] == true && s["peers"][0]["connected"] == false)

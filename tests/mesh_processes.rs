@@ -4,7 +4,7 @@
 //! server sees the client's own identity.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,24 +35,18 @@ fn port() -> u16 {
     isthmus_federation::testing::unused_port()
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use isthmus_e2e::Proc;
 
 fn spawn(args: &[&str]) -> Proc {
-    Proc(
+    Proc::spawn(
+        args[0],
         Command::new(bin())
             .args(args)
             .env("ISTHMUS_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::inherit()),
     )
+    .unwrap()
 }
 
 struct Cluster {
@@ -312,7 +306,7 @@ async fn a_killed_gateway_process_moves_new_connections_to_the_next_cluster_with
     )
     .unwrap();
     let _east = east.start_with(&[&west, &eu], "us-east1");
-    let (_west_controller, mut west_gateway) = west.start_with(&[&east, &eu], "us-west1");
+    let (_west_controller, west_gateway) = west.start_with(&[&east, &eu], "us-west1");
     let _eu = eu.start_with(&[&east, &west], "europe-west1");
 
     let (client_cert, _) = east.workload("sleep");
@@ -394,8 +388,7 @@ async fn a_killed_gateway_process_moves_new_connections_to_the_next_cluster_with
     }
 
     // SIGKILL west's gateway process.
-    west_gateway.0.kill().unwrap();
-    west_gateway.0.wait().unwrap();
+    west_gateway.kill();
     let killed = Instant::now();
     let mut failures = Vec::new();
     let mut by_eu = 0;

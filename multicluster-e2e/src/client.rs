@@ -1,5 +1,6 @@
 //! A keep-alive HTTP/1.1 client that talks to a sidecar's outbound port
-//! as `curl -x` does (absolute-form requests).
+//! as `curl -x` does (absolute-form requests): the one test client of the
+//! lab, the sidecar's tests and the demo.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,10 +15,19 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: String,
 }
 
 impl Answer {
+    /// A header's value ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
     /// `cluster` of a sample app's answer (`… from <cluster> …`).
     pub fn cluster(&self) -> Option<&str> {
         let mut it = self.body.split_whitespace();
@@ -48,24 +58,41 @@ impl Client {
 
     /// [`Client::get`] with extra headers.
     pub async fn get_with(&mut self, url: &str, headers: &[(&str, &str)]) -> Answer {
-        match tokio::time::timeout(Duration::from_secs(10), self.try_get(url, headers)).await {
+        self.request("GET", url, headers).await
+    }
+
+    /// Any method, with extra headers (empty body).
+    pub async fn request(&mut self, method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
+        let failed = |body: String| Answer {
+            status: 0,
+            headers: Default::default(),
+            body,
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            self.try_request(method, url, headers),
+        )
+        .await
+        {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 self.conn = None;
-                Answer { status: 0, body: e }
+                failed(e)
             }
             Err(_) => {
                 self.conn = None;
-                Answer {
-                    status: 0,
-                    body: "timed out after 10 s".into(),
-                }
+                failed("timed out after 10 s".into())
             }
         }
     }
 
-    async fn try_get(&mut self, url: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
-        let mut b = Request::get(url);
+    async fn try_request(
+        &mut self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let mut b = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -87,14 +114,11 @@ impl Client {
         sender.ready().await.map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(Answer {
             status,
+            headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     }

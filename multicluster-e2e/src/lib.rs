@@ -139,6 +139,18 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A process started from `cmd`, named `name` in messages; killed when
+    /// dropped. The one process handle of the lab and the tests.
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+        })
+    }
+
     /// SIGKILL and reap.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -473,17 +485,13 @@ impl Harness {
             }
             None => Command::new(bin),
         };
-        let child = cmd
-            .args(args)
-            .env("ISTHMUS_LOG", &self.log_level)
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-        })
+        Proc::spawn(
+            name,
+            cmd.args(args)
+                .env("ISTHMUS_LOG", &self.log_level)
+                .stdout(Stdio::null())
+                .stderr(stderr),
+        )
     }
 
     pub fn cluster(&self, name: &str) -> &Cluster {

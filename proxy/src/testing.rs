@@ -5,21 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use isthmus_core::config::{AdminSection, ClusterName, ClusterSection};
 use isthmus_core::identity::TrustStore;
 use isthmus_core::model::*;
 pub use isthmus_gateway::testing::{Cluster, DAY, Mesh, metric, scrape};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::app::{self, Bound, Deps};
@@ -30,88 +22,25 @@ pub const PORT: u16 = 5000;
 pub const HOST: &str = "helloworld.sample.svc.cluster.local:5000";
 pub const URL: &str = "http://helloworld.sample.svc.cluster.local:5000";
 
-/// How a sample app answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Ok,
-    Status(u16),
-    Delay(Duration),
-}
+pub use isthmus_e2e::client::{Answer, Client};
+pub use isthmus_e2e::sample::{App, Mode};
 
-/// A sample app: answers `<cluster> <name> <version> <path>` and echoes
-/// the headers a test may look at as `x-seen-<name>`.
-#[derive(Debug, Clone)]
-pub struct App {
-    pub addr: SocketAddr,
-    pub hits: Arc<AtomicU64>,
-    pub mode: Arc<Mutex<Mode>>,
-}
-
-impl App {
-    pub fn set(&self, m: Mode) {
-        *self.mode.lock().unwrap() = m;
-    }
-    pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
-    }
-}
-
-const ECHOED: [&str; 6] = [
-    "x-forwarded-client-cert",
-    "x-request-id",
-    "traceparent",
-    "x-b3-traceid",
-    "x-isthmus-peer",
-    "host",
-];
-
+/// The lab's sample app on a loopback port: answers
+/// `helloworld <version> from <cluster> instance <name> …`, and echoes the
+/// headers a test may look at as `x-seen-<name>`.
 pub async fn app(cluster: &str, name: &str, version: &str) -> App {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let a = App {
-        addr,
-        hits: Arc::default(),
-        mode: Arc::new(Mutex::new(Mode::Ok)),
-    };
-    let (hits, mode) = (a.hits.clone(), a.mode.clone());
-    let who = format!("{cluster} {name} {version}");
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
-            let (hits, mode, who) = (hits.clone(), mode.clone(), who.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (hits, mode, who) = (hits.clone(), mode.clone(), who.clone());
-                    async move {
-                        hits.fetch_add(1, Ordering::Relaxed);
-                        let m = *mode.lock().unwrap();
-                        let mut status = 200;
-                        match m {
-                            Mode::Ok => {}
-                            Mode::Status(s) => status = s,
-                            Mode::Delay(d) => tokio::time::sleep(d).await,
-                        }
-                        let mut resp = Response::builder().status(status);
-                        for h in ECHOED {
-                            if let Some(v) = req.headers().get(h) {
-                                resp = resp.header(format!("x-seen-{h}"), v);
-                            }
-                        }
-                        let body = format!("{who} {}", req.uri().path());
-                        Ok::<_, std::convert::Infallible>(
-                            resp.body(Full::new(Bytes::from(body))).unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    a
+    isthmus_e2e::sample::start(
+        "127.0.0.1:0".parse().expect("address"),
+        isthmus_e2e::sample::Identity {
+            cluster: cluster.into(),
+            version: version.into(),
+            instance: name.into(),
+            zone: String::new(),
+        },
+        0,
+    )
+    .await
+    .expect("the sample app binds a loopback port")
 }
 
 /// A workload: its app and its sidecar.
@@ -364,80 +293,22 @@ pub async fn publish(
     }
 }
 
-/// An answer.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub headers: hyper::HeaderMap,
-    pub body: String,
-}
-
-impl Answer {
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-}
-
-/// An HTTP/1.1 keep-alive client of a sidecar's outbound port, sending
-/// absolute-form requests as `curl -x` does.
-#[derive(Debug)]
-pub struct Client {
-    proxy: SocketAddr,
-    conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
-}
-
-impl Client {
-    pub fn new(proxy: SocketAddr) -> Self {
-        Self { proxy, conn: None }
-    }
-
-    pub async fn get(&mut self, url: &str, headers: &[(&str, &str)]) -> Answer {
-        self.request("GET", url, headers).await
-    }
-
-    pub async fn request(&mut self, method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
-        let mut b = Request::builder().method(method).uri(url);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let req = b.body(Full::new(Bytes::new())).unwrap();
-        let sender = match &mut self.conn {
-            Some(s) if !s.is_closed() => s,
-            _ => {
-                let tcp = TcpStream::connect(self.proxy).await.unwrap();
-                tcp.set_nodelay(true).unwrap();
-                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-                tokio::spawn(c);
-                self.conn.insert(s)
-            }
-        };
-        sender.ready().await.unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-            .await
-            .expect("answer within 10 s")
-            .expect("the sidecar answers");
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Answer {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
-    }
-}
-
-/// Counts answers by their body's `<cluster> <name>` prefix.
+/// Counts answers by status and who served them (`<cluster> <name>
+/// <version>`).
 pub fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for a in answers {
-        let who: Vec<&str> = a.body.split(' ').take(3).collect();
-        *m.entry(format!("{} {}", a.status, who.join(" ")))
-            .or_default() += 1;
+        // `helloworld <version> from <cluster> instance <name> …`, keyed
+        // as `<status> <cluster> <name> <version>`; other answers by
+        // their first words.
+        let w: Vec<&str> = a.body.split_whitespace().collect();
+        let who = match w.as_slice() {
+            ["helloworld", version, "from", cluster, "instance", name, ..] => {
+                format!("{cluster} {name} {version}")
+            }
+            _ => w.iter().take(3).copied().collect::<Vec<_>>().join(" "),
+        };
+        *m.entry(format!("{} {who}", a.status)).or_default() += 1;
     }
     m
 }
@@ -542,7 +413,7 @@ impl One {
 pub async fn many(c: &mut Client, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<Answer> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(c.get(&format!("{URL}{path}"), headers).await);
+        out.push(c.get_with(&format!("{URL}{path}"), headers).await);
     }
     out
 }

@@ -99,10 +99,10 @@ async fn authorization_policy_denies_with_403_and_the_log_names_the_caller() {
     })
     .await;
     let mut c = one.client();
-    let a = c.get(&format!("{URL}/admin"), &[]).await;
+    let a = c.get_with(&format!("{URL}/admin"), &[]).await;
     assert_eq!(a.status, 403, "{a:?}");
     assert_eq!(a.body.trim(), "RBAC: access denied");
-    assert_eq!(c.get(&format!("{URL}/public"), &[]).await.status, 200);
+    assert_eq!(c.get_with(&format!("{URL}/public"), &[]).await.status, 200);
     // ALLOW policies exist and none matches POST.
     assert_eq!(
         c.request("POST", &format!("{URL}/public"), &[])
@@ -123,7 +123,7 @@ async fn authorization_policy_denies_with_403_and_the_log_names_the_caller() {
         "/admin/./x",
         "/x/%2e%2e/admin/y",
     ] {
-        let a = c.get(&format!("{URL}{p}"), &[]).await;
+        let a = c.get_with(&format!("{URL}{p}"), &[]).await;
         if p == "/%2561dmin" {
             // Decoded once: "/%61dmin" is not "/admin" (no double decoding).
             assert_eq!(a.status, 200, "{p}: {a:?}");
