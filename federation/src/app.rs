@@ -40,20 +40,13 @@ use crate::state::{PeerState, PeerStatus};
 /// What a controller needs from outside: its certificate
 /// (`spiffe://<td>/cluster/<name>/controller`) and the trust bundles of
 /// its own and its peers' trust domains.
+#[derive(Debug)]
 pub struct Deps {
     pub certs: Arc<dyn CertSource>,
     pub trust: Arc<TrustStore>,
     pub logs: Option<LogControl>,
     /// The cluster CA, for the CA service (with `caTokens`).
     pub ca: Option<Arc<isthmus_core::identity::ClusterCa>>,
-}
-
-impl std::fmt::Debug for Deps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deps")
-            .field("trust", &self.trust)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A running controller.
@@ -127,6 +120,17 @@ impl ConfigDump for MeshDump {
     fn dump(&self) -> serde_json::Value {
         serde_json::to_value(&**self.0.borrow()).unwrap_or_default()
     }
+}
+
+/// The gRPC server both controller ports use: HTTP/2 keep-alives (a
+/// dead peer is noticed in 30 s) and windows sized for 10,000-service
+/// snapshots.
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(Some(isthmus_core::tls::GRPC_STREAM_WINDOW))
+        .initial_connection_window_size(Some(isthmus_core::tls::GRPC_CONNECTION_WINDOW))
 }
 
 /// Binds and starts a controller.
@@ -255,11 +259,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     let accept_drain = drain.clone();
     tokio::spawn(
         async move {
-            let served = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .initial_stream_window_size(Some(isthmus_core::tls::GRPC_STREAM_WINDOW))
-                .initial_connection_window_size(Some(isthmus_core::tls::GRPC_CONNECTION_WINDOW))
+            let served = grpc_server()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     crate::transport::incoming(listener, server_tls, Some(accept_drain)),
@@ -365,11 +365,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     );
     tokio::spawn(
         async move {
-            let served = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .initial_stream_window_size(Some(isthmus_core::tls::GRPC_STREAM_WINDOW))
-                .initial_connection_window_size(Some(isthmus_core::tls::GRPC_CONNECTION_WINDOW))
+            let served = grpc_server()
                 .add_service(config_service)
                 .add_optional_service(ca_service)
                 .serve_with_incoming_shutdown(
@@ -400,25 +396,19 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         &drain,
     )
     .await?;
-    let (admin_addr, metrics_addr, readiness_addr, quit) = (
-        servers.admin,
-        servers.metrics,
-        servers.readiness,
-        servers.quit,
-    );
     drop(drain);
     info!(cluster = %config.cluster.name, federation = %federation_addr, peers = shared.peers().len(), "controller running");
     Ok(Bound {
         federation_addr,
         local_addr,
-        admin_addr,
-        metrics_addr,
-        readiness_addr,
+        admin_addr: servers.admin,
+        metrics_addr: servers.metrics,
+        readiness_addr: servers.readiness,
         ready,
         shared,
         mesh: mesh_rx,
         trigger,
-        quit,
+        quit: servers.quit,
     })
 }
 

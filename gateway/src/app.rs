@@ -28,19 +28,12 @@ use crate::{Ctx, inbound, outbound, quic};
 /// What a gateway needs from outside: its certificate, the trust bundles
 /// of every peer, and the mesh state (from the controller's config
 /// stream; tests feed it directly).
+#[derive(Debug)]
 pub struct Deps {
     pub certs: Arc<dyn CertSource>,
     pub trust: Arc<TrustStore>,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub logs: Option<LogControl>,
-}
-
-impl std::fmt::Debug for Deps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deps")
-            .field("trust", &self.trust)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A running gateway.
@@ -203,12 +196,6 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
         &drain,
     )
     .await?;
-    let (admin_addr, metrics_addr, readiness_addr, quit) = (
-        servers.admin,
-        servers.metrics,
-        servers.readiness,
-        servers.quit,
-    );
 
     tokio::spawn(inbound::serve(endpoint.clone(), ctx.clone()).instrument(info_span!("inbound")));
     tokio::spawn(outbound::serve(sidecars, ctx).instrument(info_span!("outbound")));
@@ -217,14 +204,14 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
     Ok(Bound {
         sidecar_addr,
         peer_addr,
-        admin_addr,
-        metrics_addr,
-        readiness_addr,
+        admin_addr: servers.admin,
+        metrics_addr: servers.metrics,
+        readiness_addr: servers.readiness,
         ready,
         trigger,
         endpoint,
         pool,
-        quit,
+        quit: servers.quit,
     })
 }
 

@@ -69,31 +69,22 @@ fn unrouted(ctx: &Ctx, reason: &str) {
 
 async fn connection(mut tcp: TcpStream, ctx: Arc<Ctx>) {
     let _ = tcp.set_nodelay(true);
+    let refused = |reason: &str, e: &dyn std::fmt::Display| {
+        ctx.metrics
+            .sni_errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+        debug!(error = %e, "closing sidecar connection");
+    };
     let hello = match read_client_hello(&mut tcp).await {
         Ok(h) => h,
-        Err(e) => {
-            ctx.metrics
-                .sni_errors
-                .get_or_create(&ReasonLabels {
-                    reason: e.label().into(),
-                })
-                .inc();
-            debug!(error = %e, "closing sidecar connection");
-            return;
-        }
+        Err(e) => return refused(e.label(), &e),
     };
     let target = match parse_target(&hello.sni) {
         Ok(t) => t,
-        Err(e) => {
-            ctx.metrics
-                .sni_errors
-                .get_or_create(&ReasonLabels {
-                    reason: e.label().into(),
-                })
-                .inc();
-            debug!(error = %e, "closing sidecar connection");
-            return;
-        }
+        Err(e) => return refused(e.label(), &e),
     };
     let state = ctx.state.borrow().clone();
     let Some(svc) = state.imported.get(&target.service) else {

@@ -351,10 +351,7 @@ impl PeerPool {
         req: &TunnelRequest,
     ) -> Result<(SendStream, RecvStream, TunnelResponse), OpenError> {
         let conn = self.connection(peer).await?;
-        let stream_err = |detail: String| OpenError::Stream {
-            cluster: peer.cluster.clone(),
-            detail,
-        };
+        let stream_err = stream_error(&peer.cluster);
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -433,10 +430,7 @@ impl PeerPool {
             let started = Instant::now();
             let result = tokio::time::timeout(PROBE_TIMEOUT, async {
                 let conn = self.connection_in_slot(&peer, slot).await?;
-                let stream_err = |detail: String| OpenError::Stream {
-                    cluster: peer.cluster.clone(),
-                    detail,
-                };
+                let stream_err = stream_error(&peer.cluster);
                 let (mut send, mut recv) = conn
                     .open_bi()
                     .await
@@ -527,5 +521,13 @@ impl PeerPool {
                 t.abort();
             }
         }
+    }
+}
+
+/// Turns a stream failure towards `cluster` into an [`OpenError`].
+fn stream_error(cluster: &str) -> impl Fn(String) -> OpenError + '_ {
+    move |detail| OpenError::Stream {
+        cluster: cluster.to_owned(),
+        detail,
     }
 }

@@ -90,17 +90,15 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             ..Default::default()
         };
         let sub = boot::subscribe(controller, &config.cluster, &cert, &trust, node)?;
-        let bound = build(
-            config,
-            Deps {
-                certs: cert,
-                trust,
-                state: sub.state.clone(),
-                logs,
-                access_log: None,
-            },
-        )
-        .await?;
+        // The access log goes to stdout (a test may take it instead).
+        let deps = Deps {
+            access_log: None,
+            state: sub.state.clone(),
+            certs: cert,
+            trust,
+            logs,
+        };
+        let bound = build(config, deps).await?;
         eprintln!(
             "sidecar running: outbound tcp/{}, inbound tcp/{}, admin {}, metrics {}, readiness {}",
             bound.outbound_addr,

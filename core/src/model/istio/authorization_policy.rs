@@ -19,7 +19,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use super::{PolicyError, SelectorSpec, err};
+use super::{PolicyError, SelectorSpec, err, read_spec};
 
 /// The annotation that makes a policy report, not enforce (Istio's).
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -523,15 +523,11 @@ impl AuthorizationPolicy {
         spec: &serde_json::Value,
     ) -> Result<Self, PolicyError> {
         let e = |d: String| err("AuthorizationPolicy", namespace, name, d);
-        let s: ApSpec = if spec.is_null() {
-            ApSpec::default()
-        } else {
-            serde_json::from_value(spec.clone()).map_err(|x| {
-                e(format!(
-                    "{x} (Isthmus reads selector, action, rules[].from[].source, rules[].to[].operation and rules[].when)"
-                ))
-            })?
-        };
+        let s: ApSpec = read_spec(spec).map_err(|x| {
+            e(format!(
+                "{x} (Isthmus reads selector, action, rules[].from[].source, rules[].to[].operation and rules[].when)"
+            ))
+        })?;
         let action = match (s.action.as_deref(), &s.provider) {
             (None | Some("ALLOW"), None) => AuthzAction::Allow,
             (Some("DENY"), None) => AuthzAction::Deny,

@@ -51,6 +51,17 @@ pub(crate) fn err(kind: &'static str, namespace: &str, name: &str, detail: Strin
     }
 }
 
+/// Reads a spec whose fields are all optional: a missing spec is an empty
+/// one (for an AuthorizationPolicy, Istio's allow-nothing).
+pub(crate) fn read_spec<T: serde::de::DeserializeOwned + Default>(
+    spec: &serde_json::Value,
+) -> Result<T, String> {
+    if spec.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(spec.clone()).map_err(|e| e.to_string())
+}
+
 /// A compiled regular expression, matched against the whole value
 /// (Istio's RE2 semantics).
 #[derive(Debug, Clone)]

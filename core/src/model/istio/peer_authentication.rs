@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{PolicyError, SelectorSpec, err};
+use super::{PolicyError, SelectorSpec, err, read_spec};
 
 /// The mTLS mode (`mtls.mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -81,11 +81,7 @@ impl PeerAuthentication {
         spec: &serde_json::Value,
     ) -> Result<Self, PolicyError> {
         let e = |d: String| err("PeerAuthentication", namespace, name, d);
-        let s: PaSpec = if spec.is_null() {
-            PaSpec::default()
-        } else {
-            serde_json::from_value(spec.clone()).map_err(|x| e(x.to_string()))?
-        };
+        let s: PaSpec = read_spec(spec).map_err(e)?;
         let mode = parse_mode("mtls.mode", s.mtls).map_err(e)?;
         let selector = s.selector.map(|s| s.match_labels);
         if !s.port_level_mtls.is_empty() && selector.as_ref().is_none_or(|s| s.is_empty()) {
