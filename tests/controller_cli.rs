@@ -15,7 +15,7 @@ fn isthmus(args: &[&str]) -> std::process::Output {
 }
 
 fn free_port() -> u16 {
-    isthmus_federation::testing::unused_port()
+    isthmus_e2e::kit::unused_port()
 }
 
 use isthmus_e2e::Proc;

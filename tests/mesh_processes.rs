@@ -32,7 +32,7 @@ fn ok(args: &[&str]) {
 }
 
 fn port() -> u16 {
-    isthmus_federation::testing::unused_port()
+    isthmus_e2e::kit::unused_port()
 }
 
 use isthmus_e2e::Proc;

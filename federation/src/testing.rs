@@ -26,33 +26,7 @@ pub struct TestCluster {
     pub federation: SocketAddr,
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], unused_port()))
-}
-
-/// A loopback TCP port for a process a test starts later. Taken below the
-/// kernel's ephemeral range (32768–60999 by default): a port picked with
-/// `bind(:0)` and released can be handed to any outgoing connection before
-/// the process binds it (seen as "Address already in use" in CI). Each
-/// test process walks its own stretch (by pid) and checks the port binds.
-pub fn unused_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    let base = (std::process::id() * 397) % SPAN;
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (base + n) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
-}
+pub use isthmus_e2e::kit::{free_port, unused_port};
 
 impl TestCluster {
     pub fn new(root: &Path, name: &str, region: &str) -> Self {

@@ -254,21 +254,4 @@ pub async fn call(
     Ok((buf, id))
 }
 
-/// Scrapes a metrics endpoint.
-pub async fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The value of the first series whose line contains every `parts`.
-pub fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+pub use isthmus_e2e::kit::{metric, scrape};

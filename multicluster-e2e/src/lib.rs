@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod delay;
+pub mod kit;
 pub mod load;
 pub mod netns;
 pub mod sample;
