@@ -6,6 +6,7 @@
 //! ServiceEntries, and serves the config stream and the CA service to
 //! local proxies. See docs/architecture.md for the parts.
 
+pub mod analyze;
 pub mod app;
 pub mod casvc;
 pub mod catalog;

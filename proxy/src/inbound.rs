@@ -27,9 +27,7 @@ use crate::routes::split_authority;
 use crate::telemetry::{ReasonLabels, Reporter, flags};
 use crate::upstream::{Body, incoming};
 
-/// Istio's root namespace: policies there without a selector apply to
-/// the whole mesh.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub use isthmus_core::model::istio::ROOT_NAMESPACE;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

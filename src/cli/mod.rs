@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use isthmus_core::telemetry::LogFormat;
 
 mod admin_get;
+mod analyze;
 mod ca;
 mod config;
 mod controller;
@@ -60,6 +61,9 @@ pub enum Command {
     SampleApp(sample::SampleArgs),
     /// Show what a controller knows of its peers.
     Status(status::StatusArgs),
+    /// Check a cluster's configuration (a directory of manifests, or what
+    /// a running controller could not apply), with codes and severities.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs one command.
@@ -77,8 +81,30 @@ pub fn run(
         Command::Gateway(c) => gateway::run(c, logs),
         Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
+        Command::Analyze(c) => analyze::run(c),
         #[cfg(feature = "demo")]
         Command::SampleApp(c) => sample::run(c),
         Command::AdminGet(c) => admin_get::run(c),
     }
+}
+
+/// A controller's `/config_dump` (its admin address), checked to be a
+/// controller's.
+fn controller_dump(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = rt
+        .block_on(isthmus_core::admin::http_get(addr, "/config_dump"))
+        .with_context(|| format!("cannot reach the controller's admin API at {addr}; is it running, and is this its admin address?"))?;
+    let dump: serde_json::Value =
+        serde_json::from_str(&body).context("the admin API answered something that is not JSON")?;
+    if dump["component"] != "controller" {
+        anyhow::bail!(
+            "{addr} is the admin API of a {}, not a controller",
+            dump["component"]
+        );
+    }
+    Ok(dump)
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use isthmus_core::model::problem::ConfigProblem;
 use isthmus_federation::state::PeerStatus;
@@ -23,21 +23,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let body = rt
-        .block_on(isthmus_core::admin::http_get(args.controller, "/config_dump"))
-        .with_context(|| format!("cannot reach the controller's admin API at {}; is it running, and is this its admin address?", args.controller))?;
-    let dump: serde_json::Value =
-        serde_json::from_str(&body).context("the admin API answered something that is not JSON")?;
-    if dump["component"] != "controller" {
-        bail!(
-            "{} is the admin API of a {}, not a controller",
-            args.controller,
-            dump["component"]
-        );
-    }
+    let dump = super::controller_dump(args.controller)?;
     let peers: Vec<PeerStatus> =
         serde_json::from_value(dump["peers"].clone()).context("unexpected peers section")?;
     match args.output {

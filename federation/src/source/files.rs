@@ -45,6 +45,38 @@ impl std::fmt::Display for FileError {
     }
 }
 
+/// Every manifest file under `dir` (`*.yaml`, `*.yml`, subdirectories
+/// included; dot files and the imports directory left out), sorted.
+pub fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
+    walk(dir).into_iter().map(|(p, _)| p).collect()
+}
+
+fn walk(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name == crate::IMPORTS_DIR {
+                continue;
+            }
+            let path = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                out.push((path, meta));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Parses every document of one file. All or nothing: any error rejects
 /// the file (its previous objects stay).
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
@@ -142,35 +174,18 @@ impl FilesSource {
     }
 
     fn list(&self) -> Vec<(PathBuf, Stamp)> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.dir.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with('.') || name == crate::IMPORTS_DIR {
-                    continue;
-                }
-                let path = e.path();
-                let Ok(meta) = e.metadata() else { continue };
-                if meta.is_dir() {
-                    stack.push(path);
-                } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-                    out.push((
-                        path,
-                        Stamp {
-                            modified: meta.modified().ok(),
-                            len: meta.len(),
-                        },
-                    ));
-                }
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        walk(&self.dir)
+            .into_iter()
+            .map(|(path, meta)| {
+                (
+                    path,
+                    Stamp {
+                        modified: meta.modified().ok(),
+                        len: meta.len(),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Scans the directory, reading only files whose size or mtime

@@ -18,6 +18,10 @@ pub use destination_rule::*;
 pub use peer_authentication::*;
 pub use virtual_service::*;
 
+/// Istio's root namespace: policies there without a selector apply to
+/// the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
 /// Why a policy object was not accepted. Names the object and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
