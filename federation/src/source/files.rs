@@ -322,7 +322,7 @@ impl FilesSource {
             // Listing, reading and parsing (megabytes of YAML at 10,000
             // services) are blocking work: off the runtime's workers, which
             // carry the heartbeats of every peer session.
-            let Ok((back, (applied, deleted), all)) = tokio::task::spawn_blocking(move || {
+            let scanned = tokio::task::spawn_blocking(move || {
                 let changes = if resync {
                     self.rescan_all()
                 } else {
@@ -331,12 +331,17 @@ impl FilesSource {
                 let all = if resync { self.objects() } else { Vec::new() };
                 (self, changes, all)
             })
-            .await
-            else {
-                tracing::error!(
-                    "the files source stopped: a scan of the manifests panicked (the last good state stays; restart the controller, and report the panic message above)"
-                );
-                return;
+            .await;
+            let (back, (applied, deleted), all) = match scanned {
+                Ok(s) => s,
+                // The runtime is shutting down: nothing to report.
+                Err(e) if e.is_cancelled() => return,
+                Err(_) => {
+                    tracing::error!(
+                        "the files source stopped: a scan of the manifests panicked (the last good state stays; restart the controller, and report the panic message above)"
+                    );
+                    return;
+                }
             };
             self = back;
             if resync {
