@@ -245,6 +245,27 @@ impl DestinationRule {
                 )));
             }
         };
+        if let Some(l) = &lbs.locality_lb_setting {
+            let at = "trafficPolicy.loadBalancer.localityLbSetting";
+            if !l.failover.is_empty() && !l.distribute.is_empty() {
+                return Err(err(format!(
+                    "{at}: failover and distribute cannot both be set (Istio refuses it too); keep one"
+                )));
+            }
+            for (i, d) in l.distribute.iter().enumerate() {
+                let sum: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+                if sum != 100 {
+                    return Err(err(format!(
+                        "{at}.distribute[{i}].to: weights add up to {sum}; they must add up to 100"
+                    )));
+                }
+                if d.from.is_empty() || d.to.keys().any(|k| k.is_empty()) {
+                    return Err(err(format!(
+                        "{at}.distribute[{i}]: a locality is empty; write region/zone/subzone, with * for any"
+                    )));
+                }
+            }
+        }
         let locality_lb = match lbs.locality_lb_setting {
             Some(l) if l.enabled != Some(false) => Some(LocalityLbSetting {
                 failover: l.failover.into_iter().map(|f| (f.from, f.to)).collect(),
@@ -365,6 +386,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("ROUND_ROBIN"), "{e}");
+    }
+
+    #[test]
+    fn distribute_weights_must_add_up_to_100_and_exclude_failover() {
+        let dr = |lb: serde_json::Value| {
+            DestinationRule::from_spec(
+                "sample",
+                "hw",
+                &json!({"host": "helloworld", "trafficPolicy": {"loadBalancer": {"localityLbSetting": lb}}}),
+            )
+        };
+        assert!(dr(json!({"distribute": [{"from": "us-east1/*", "to": {"us-east1/*": 20, "us-west1/*": 80}}]})).is_ok());
+        let e = dr(json!({"distribute": [{"from": "us-east1/*", "to": {"us-east1/*": 25, "us-west1/*": 80}}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("distribute[0].to: weights add up to 105; they must add up to 100"),
+            "{e}"
+        );
+        let e = dr(json!({"failover": [{"from": "a", "to": "b"}], "distribute": [{"from": "a/*", "to": {"b/*": 100}}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("failover and distribute cannot both be set"),
+            "{e}"
+        );
     }
 
     #[test]

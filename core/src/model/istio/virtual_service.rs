@@ -286,6 +286,12 @@ impl VirtualService {
         if s.hosts.is_empty() {
             return Err(e("hosts is empty; name the service(s) this routes".into()));
         }
+        if let Some(i) = s.hosts.iter().position(|h| h.is_empty() || h.contains('*')) {
+            return Err(e(format!(
+                "hosts[{i}] {:?}: a wildcard or empty host cannot be routed by sidecars (Istio refuses \"*\" for mesh routes too); name the service(s)",
+                s.hosts[i]
+            )));
+        }
         let dur = |field: String, v: &str| {
             parse_duration(v).ok_or_else(|| {
                 e(format!(
@@ -498,6 +504,10 @@ mod tests {
             (
                 json!({"hosts": ["a"], "gateways": ["ingress"], "http": []}),
                 "mesh routes",
+            ),
+            (
+                json!({"hosts": ["*"], "http": [{"route": [{"destination": {"host": "a"}}]}]}),
+                "hosts[0] \"*\": a wildcard or empty host cannot be routed",
             ),
             (
                 json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}], "retries": {"attempts": 2, "retryOn": "5xx,connect-failures"}}]}),
