@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::identity::{TrustBundle, TrustDomain, TrustStore};
-use crate::model::istio::DRY_RUN_ANNOTATION;
+use crate::model::istio::{self, DRY_RUN_ANNOTATION};
 use crate::model::{
     AuthorizationPolicy, DestinationRule, Endpoint, EndpointGroup, ImportedService, LocalService,
     MeshState, PeerAuthentication, PeerGateway, RemoteCluster, ServicePort, VirtualService,
@@ -346,24 +346,48 @@ pub fn to_state(held: &Held, version: u64) -> (MeshState, Vec<TrustBundle>) {
                 {
                     // Security policy is never skipped: one that cannot be
                     // read is kept in its strictest form (deny / STRICT).
-                    let spec = serde_json::from_slice(&p.spec_json).unwrap_or_else(
-                        |e| serde_json::json!({"unreadable": format!("the spec is not JSON: {e}")}),
-                    );
                     let key = format!("{}/{}", p.namespace, p.name);
-                    let annotations = p.annotations.into_iter().collect();
-                    let problem = if p.kind == "AuthorizationPolicy" {
-                        let (v, e) = AuthorizationPolicy::from_object(
-                            &p.namespace,
-                            &p.name,
-                            &annotations,
-                            &spec,
-                        );
-                        state.authorization_policies.insert(key, Arc::new(v));
-                        e
-                    } else {
-                        let (v, e) = PeerAuthentication::from_object(&p.namespace, &p.name, &spec);
-                        state.peer_authentications.insert(key, Arc::new(v));
-                        e
+                    let ap = p.kind == "AuthorizationPolicy";
+                    let problem = match serde_json::from_slice::<serde_json::Value>(&p.spec_json) {
+                        Ok(spec) if ap => {
+                            let annotations = p.annotations.into_iter().collect();
+                            let (v, e) = AuthorizationPolicy::from_object(
+                                &p.namespace,
+                                &p.name,
+                                &annotations,
+                                &spec,
+                            );
+                            state.authorization_policies.insert(key, Arc::new(v));
+                            e
+                        }
+                        Ok(spec) => {
+                            let (v, e) =
+                                PeerAuthentication::from_object(&p.namespace, &p.name, &spec);
+                            state.peer_authentications.insert(key, Arc::new(v));
+                            e
+                        }
+                        Err(json) => {
+                            let kind = if ap {
+                                "AuthorizationPolicy"
+                            } else {
+                                "PeerAuthentication"
+                            };
+                            let e = istio::err(
+                                kind,
+                                &p.namespace,
+                                &p.name,
+                                format!("the spec is not JSON: {json}"),
+                            );
+                            let raw = String::from_utf8_lossy(&p.spec_json).into_owned();
+                            if ap {
+                                let v = AuthorizationPolicy::strictest(None, &e, raw);
+                                state.authorization_policies.insert(key, Arc::new(v));
+                            } else {
+                                let v = PeerAuthentication::strictest(None, &e, raw);
+                                state.peer_authentications.insert(key, Arc::new(v));
+                            }
+                            Some(e)
+                        }
                     };
                     if let Some(e) = problem {
                         warn!(error = %e, "security policy cannot be applied as written; enforcing its strictest form (AuthorizationPolicy: deny every request; PeerAuthentication: STRICT) until it is fixed");
@@ -460,5 +484,49 @@ pub async fn subscribe_loop(
     tokio::select! {
         _ = run => {}
         _ = stop => info!("config stream stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(kind: &str, spec: &[u8]) -> Held {
+        let r = pb::Resource {
+            resource: Some(pb::resource::Resource::Policy(pb::Policy {
+                kind: kind.into(),
+                api_version: "security.istio.io/v1".into(),
+                namespace: "sample".into(),
+                name: "p".into(),
+                spec_json: spec.to_vec(),
+                generation: 1,
+                annotations: Default::default(),
+            })),
+        };
+        Held::from([((format!("Policy/{kind}"), "sample".into(), "p".into()), r)])
+    }
+
+    #[test]
+    fn security_policy_whose_spec_is_not_json_is_kept_strictest_with_the_reason() {
+        let (s, _) = to_state(&policy("AuthorizationPolicy", b"{not json"), 1);
+        let ap = &s.authorization_policies["sample/p"];
+        assert!(ap.selector.is_none(), "the whole namespace");
+        assert!(
+            ap.unenforceable
+                .as_deref()
+                .is_some_and(|w| w.contains("the spec is not JSON")),
+            "{ap:?}"
+        );
+        let (s, _) = to_state(&policy("PeerAuthentication", b"\xff"), 1);
+        let pa = &s.peer_authentications["sample/p"];
+        assert_eq!(
+            pa.mode_for(8080),
+            Some(crate::model::istio::MtlsMode::Strict)
+        );
+        assert!(
+            pa.unenforceable
+                .as_deref()
+                .is_some_and(|w| w.contains("not JSON"))
+        );
     }
 }

@@ -112,14 +112,17 @@ impl ServiceKey {
             return None;
         };
         let (name, ns) = rest.split_once('.')?;
-        let label = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 63
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        };
-        (label(name) && label(ns)).then(|| (Self::new(ns, name), scope))
+        (is_dns_label(name) && is_dns_label(ns)).then(|| (Self::new(ns, name), scope))
     }
+}
+
+/// Whether `s` is a DNS label as Kubernetes names namespaces and Services
+/// (lower-case letters, digits and `-`, 1 to 63 bytes).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl serde::Serialize for ServiceKey {

@@ -6,7 +6,7 @@ use isthmus_proto::common::v1 as pbc;
 use rustls_pki_types::CertificateDer;
 
 use crate::identity::{TrustBundle, TrustDomain};
-use crate::model::{Locality, ServiceKey};
+use crate::model::{Locality, ServiceKey, is_dns_label};
 
 /// How often a receiver should look for a newer bundle (SPIFFE bundle
 /// endpoint's `refresh_hint`), in seconds.
@@ -52,13 +52,7 @@ impl TryFrom<pbc::ServiceKey> for ServiceKey {
     /// Namespace and name must each be a DNS label, as Kubernetes names
     /// them: a peer's garbage never becomes a host name.
     fn try_from(k: pbc::ServiceKey) -> Result<Self, String> {
-        let label = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 63
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        };
-        if !label(&k.namespace) || !label(&k.name) {
+        if !is_dns_label(&k.namespace) || !is_dns_label(&k.name) {
             return Err(format!(
                 "service key {}/{} is not two DNS labels",
                 k.namespace, k.name

@@ -28,6 +28,16 @@ pub enum Severity {
     Info,
 }
 
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
+}
+
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
@@ -81,15 +91,7 @@ pub const CODES: &[(&str, Severity, &str)] = &[
 impl Finding {
     /// What a controller could not apply, as a finding (`ISM0001`).
     pub fn from_problem(p: &ConfigProblem) -> Self {
-        let text = p.to_string();
-        let message = text
-            .split_once(": ")
-            .map_or(p.message.clone(), |(_, rest)| rest.to_owned());
-        finding(
-            "ISM0001",
-            format!("{} {}/{}", p.kind, p.namespace, p.name),
-            message,
-        )
+        finding("ISM0001", p.object(), p.describe())
     }
 }
 

@@ -17,7 +17,7 @@ use isthmus_core::model::{
 };
 
 use crate::export::Export;
-use crate::objects::{Body, Kind, Object};
+use crate::objects::{Body, Kind};
 use crate::source::Objects;
 
 /// Which exports a peer may see (`peers[].exportTo` in the config).
@@ -67,11 +67,17 @@ fn policies<T>(
     kind: Kind,
     effect: Effect,
     problems: &mut Vec<ConfigProblem>,
-    parse: impl Fn(&Object) -> (Option<T>, Option<PolicyError>),
+    parse: impl Fn(&str, &str, &serde_json::Value, &BTreeMap<String, String>) -> Parsed<T>,
 ) -> BTreeMap<String, Arc<T>> {
     let mut out = BTreeMap::new();
     for o in objects.values().filter(|o| o.key.kind == kind) {
-        let (p, e) = parse(o);
+        let Body::Policy {
+            spec, annotations, ..
+        } = &o.body
+        else {
+            continue;
+        };
+        let (p, e) = parse(&o.key.namespace, &o.key.name, spec, annotations);
         if let Some(e) = e {
             problems.push(ConfigProblem::from_error(&e, effect));
         }
@@ -82,20 +88,12 @@ fn policies<T>(
     out
 }
 
-/// A policy object's spec and carried annotations.
-fn policy_parts(o: &Object) -> (&serde_json::Value, &BTreeMap<String, String>) {
-    static NONE: std::sync::LazyLock<(serde_json::Value, BTreeMap<String, String>)> =
-        std::sync::LazyLock::new(Default::default);
-    match &o.body {
-        Body::Policy {
-            spec, annotations, ..
-        } => (spec, annotations),
-        _ => (&NONE.0, &NONE.1),
-    }
-}
+/// What parsing one policy object gave: the object to apply, if any, and
+/// what was wrong.
+type Parsed<T> = (Option<T>, Option<PolicyError>);
 
 /// A routing object that does not parse is left out.
-fn strict<T>(r: Result<T, PolicyError>) -> (Option<T>, Option<PolicyError>) {
+fn strict<T>(r: Result<T, PolicyError>) -> Parsed<T> {
     match r {
         Ok(p) => (Some(p), None),
         Err(e) => (None, Some(e)),
@@ -263,13 +261,7 @@ impl Catalog {
                 Kind::DestinationRule,
                 Effect::Ignored,
                 &mut problems,
-                |o| {
-                    strict(DestinationRule::from_spec(
-                        &o.key.namespace,
-                        &o.key.name,
-                        policy_parts(o).0,
-                    ))
-                },
+                |ns, name, spec, _| strict(DestinationRule::from_spec(ns, name, spec)),
             )
             .into_values()
             .map(|dr| (dr.service.clone(), dr))
@@ -279,25 +271,15 @@ impl Catalog {
                 Kind::VirtualService,
                 Effect::Ignored,
                 &mut problems,
-                |o| {
-                    strict(VirtualService::from_spec(
-                        &o.key.namespace,
-                        &o.key.name,
-                        policy_parts(o).0,
-                    ))
-                },
+                |ns, name, spec, _| strict(VirtualService::from_spec(ns, name, spec)),
             ),
             peer_authentications: policies(
                 objects,
                 Kind::PeerAuthentication,
                 Effect::Strict,
                 &mut problems,
-                |o| {
-                    let (p, e) = PeerAuthentication::from_object(
-                        &o.key.namespace,
-                        &o.key.name,
-                        policy_parts(o).0,
-                    );
+                |ns, name, spec, _| {
+                    let (p, e) = PeerAuthentication::from_object(ns, name, spec);
                     (Some(p), e)
                 },
             ),
@@ -306,14 +288,8 @@ impl Catalog {
                 Kind::AuthorizationPolicy,
                 Effect::DeniesEveryRequest,
                 &mut problems,
-                |o| {
-                    let (spec, annotations) = policy_parts(o);
-                    let (p, e) = AuthorizationPolicy::from_object(
-                        &o.key.namespace,
-                        &o.key.name,
-                        annotations,
-                        spec,
-                    );
+                |ns, name, spec, annotations| {
+                    let (p, e) = AuthorizationPolicy::from_object(ns, name, annotations, spec);
                     (Some(p), e)
                 },
             ),

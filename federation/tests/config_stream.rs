@@ -14,6 +14,40 @@ use isthmus_proto::config::v1::{Node, node::Kind};
 
 const HB: Duration = Duration::from_millis(100);
 
+/// Subscribes to the controller of `cluster` at `addr` as a `kind` node
+/// that starts knowing only its own root: the states it receives, its
+/// trust store, and a sender that stops it.
+fn subscribe(
+    cluster: &TestCluster,
+    addr: std::net::SocketAddr,
+    kind: Kind,
+    name: &str,
+) -> (
+    tokio::sync::watch::Receiver<Arc<MeshState>>,
+    Arc<TrustStore>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
+    let trust = TrustStore::with_bundles([cluster.bundle()]).unwrap();
+    let node = Node {
+        kind: kind as i32,
+        name: name.into(),
+        ..Default::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(subscribe_loop(
+        addr,
+        cluster.local_tls(None),
+        node,
+        tx,
+        trust.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (state, trust, stop_tx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_sees_imports_peers_bundles_and_policies_and_then_changes() {
     let root = tempfile::tempdir().unwrap();
@@ -48,25 +82,7 @@ async fn a_subscriber_sees_imports_peers_bundles_and_policies_and_then_changes()
         )
         .await;
 
-    let (tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
-    // The subscriber starts knowing only its own root.
-    let trust = TrustStore::with_bundles([east.bundle()]).unwrap();
-    let node = Node {
-        kind: Kind::Gateway as i32,
-        name: "east-gateway".into(),
-        ..Default::default()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(subscribe_loop(
-        e.local_addr,
-        east.local_tls(None),
-        node,
-        tx,
-        trust.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (state, trust, stop_tx) = subscribe(&east, e.local_addr, Kind::Gateway, "east-gateway");
 
     let key = ServiceKey::new("sample", "helloworld");
     let s = state.clone();
@@ -151,24 +167,7 @@ spec: {hosts: [web], http: [{route: [{destination: {host: web}}], timeout: soon}
             &[east.bundle()],
         )
         .await;
-    let (tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
-    let trust = TrustStore::with_bundles([east.bundle()]).unwrap();
-    let node = Node {
-        kind: Kind::Sidecar as i32,
-        name: "web-0".into(),
-        ..Default::default()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(subscribe_loop(
-        e.local_addr,
-        east.local_tls(None),
-        node,
-        tx,
-        trust,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (state, _, stop_tx) = subscribe(&east, e.local_addr, Kind::Sidecar, "web-0");
     let s = state.clone();
     assert_eventually(
         "policies delivered through the stream",

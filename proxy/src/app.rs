@@ -87,17 +87,18 @@ impl ConfigDump for EffectiveDump {
             .values()
             .filter(|p| p.applies_to(&w.namespace, &w.labels, inbound::ROOT_NAMESPACE))
             .map(|p| {
-                let mut line = format!("{:?} {}/{}", p.action, p.namespace, p.name);
-                if p.dry_run {
-                    line.push_str(" (dry-run: not enforced)");
-                }
-                if let Some(why) = &p.unenforceable {
-                    line = format!(
+                let what = match &p.unenforceable {
+                    Some(why) => format!(
                         "DENY-ALL {}/{} (cannot be enforced as written: {why})",
                         p.namespace, p.name
-                    );
+                    ),
+                    None => format!("{:?} {}/{}", p.action, p.namespace, p.name),
+                };
+                if p.dry_run {
+                    format!("{what} (dry-run: not enforced)")
+                } else {
+                    what
                 }
-                line
             })
             .collect();
         let mode = inbound::mtls_mode(&state, &w.namespace, &w.labels, w.app.port());

@@ -200,10 +200,15 @@ async fn forward(
         }
     }
     let principal = id.map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
-    let source_ns = id.and_then(|i| match i.role() {
-        Role::Workload { namespace, .. } => Some(namespace.to_owned()),
+    // The caller's (namespace, service account), from its certificate.
+    let service_account = id.and_then(|i| match i.role() {
+        Role::Workload {
+            namespace,
+            service_account,
+        } => Some((namespace, service_account)),
         _ => None,
     });
+    let source_ns = service_account.map(|(ns, _)| ns);
     // HTTP/2 to the app when the caller's app spoke it (from a sidecar's
     // metadata) or the plaintext caller speaks it itself.
     let mut app_h2 = id.is_none() && parts.version == hyper::Version::HTTP_2;
@@ -211,8 +216,8 @@ async fn forward(
         Some(_) => {
             rec.labels.connection_security_policy = "mutual_tls";
             rec.labels.source_principal = principal.as_deref().unwrap_or_default().into();
-            if let Some(ns) = &source_ns {
-                rec.labels.source_workload_namespace = ns.as_str().into();
+            if let Some(ns) = source_ns {
+                rec.labels.source_workload_namespace = ns.into();
             }
             if let Some(v) = parts.headers.get(PEER_HEADER) {
                 let meta = parse_peer_header(v);
@@ -234,17 +239,10 @@ async fn forward(
         Err(resp) => return *resp,
     };
     let state = ctx.table.borrow().state.clone();
-    let service_account = id.and_then(|i| match i.role() {
-        Role::Workload {
-            namespace,
-            service_account,
-        } => Some(format!("{namespace}/{service_account}")),
-        _ => None,
-    });
     let facts = RequestFacts {
         principal: principal.as_deref(),
-        namespace: source_ns.as_deref(),
-        service_account: service_account.as_deref(),
+        namespace: source_ns,
+        service_account,
         source_ip: Some(rec.downstream.ip()),
         destination_ip: Some(local.ip()),
         destination_port: ctx.workload.app.port(),

@@ -12,17 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn strict_refuses_plaintext_and_permissive_allows_it() {
     let one = One::new().await;
     let inbound = one.v1.sidecar.inbound_addr;
-    let plain = |inbound| async move {
-        let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
-        s.write_all(b"GET /plain HTTP/1.1\r\nHost: helloworld\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out).await;
-        out
-    };
     // PERMISSIVE (the default): plaintext reaches the app.
-    let out = plain(inbound).await;
+    let out = plaintext(inbound).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     one.publish(|s| {
         policy(
@@ -34,7 +25,7 @@ async fn strict_refuses_plaintext_and_permissive_allows_it() {
     })
     .await;
     let hits = one.v1.app.hits();
-    let out = plain(inbound).await;
+    let out = plaintext(inbound).await;
     assert_eq!(out, "", "STRICT closes plaintext connections");
     assert_eq!(one.v1.app.hits(), hits);
     let m = scrape(one.v1.sidecar.metrics_addr).await;
@@ -72,8 +63,8 @@ async fn strict_refuses_plaintext_and_permissive_allows_it() {
         );
     })
     .await;
-    assert!(plain(inbound).await.starts_with("HTTP/1.1 200"));
-    assert_eq!(plain(one.v2.sidecar.inbound_addr).await, "");
+    assert!(plaintext(inbound).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(plaintext(one.v2.sidecar.inbound_addr).await, "");
 }
 
 #[tokio::test]

@@ -47,10 +47,7 @@ pub struct AnalyzeArgs {
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
     if args.list_codes {
         for (code, severity, what) in CODES {
-            println!(
-                "{code}  {:<7}  {what}",
-                format!("{severity:?}").to_lowercase()
-            );
+            println!("{code}  {:<7}  {what}", severity.as_str());
         }
         return Ok(());
     }
@@ -75,7 +72,7 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
             for f in &findings {
                 println!(
                     "{} [{}] ({}) {}",
-                    format!("{:?}", f.severity).to_lowercase(),
+                    f.severity.as_str(),
                     f.code,
                     f.object,
                     f.message

@@ -62,8 +62,14 @@ impl ConfigProblem {
     }
 }
 
-impl std::fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ConfigProblem {
+    /// `Kind namespace/name`.
+    pub fn object(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    /// What is wrong and what Isthmus does instead.
+    pub fn describe(&self) -> String {
         let effect = match self.effect {
             Effect::Ignored => "not applied",
             Effect::DeniesEveryRequest => {
@@ -71,10 +77,12 @@ impl std::fmt::Display for ConfigProblem {
             }
             Effect::Strict => "applied as STRICT until fixed",
         };
-        write!(
-            f,
-            "{} {}/{}: {} ({effect})",
-            self.kind, self.namespace, self.name, self.message
-        )
+        format!("{} ({effect})", self.message)
+    }
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object(), self.describe())
     }
 }

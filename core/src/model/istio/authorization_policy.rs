@@ -41,21 +41,26 @@ pub struct Glob(pub String);
 
 impl Glob {
     pub fn matches(&self, v: &str) -> bool {
-        let p = self.0.as_str();
-        if p == "*" {
-            return true;
-        }
-        if let Some(prefix) = p.strip_suffix('*') {
-            return v.starts_with(prefix);
-        }
-        if let Some(suffix) = p.strip_prefix('*') {
-            return v.ends_with(suffix);
-        }
-        v == p
+        self.matches_by(v, |a, b| a == b)
     }
 
     fn matches_ignore_case(&self, v: &str) -> bool {
-        Glob(self.0.to_ascii_lowercase()).matches(&v.to_ascii_lowercase())
+        self.matches_by(v, <[u8]>::eq_ignore_ascii_case)
+    }
+
+    /// Exact, prefix, suffix or any, comparing bytes with `eq`.
+    fn matches_by(&self, v: &str, eq: impl Fn(&[u8], &[u8]) -> bool) -> bool {
+        let (p, v) = (self.0.as_bytes(), v.as_bytes());
+        if p == b"*" {
+            return true;
+        }
+        if let Some(prefix) = p.strip_suffix(b"*") {
+            return v.len() >= prefix.len() && eq(&v[..prefix.len()], prefix);
+        }
+        if let Some(suffix) = p.strip_prefix(b"*") {
+            return v.len() >= suffix.len() && eq(&v[v.len() - suffix.len()..], suffix);
+        }
+        eq(v, p)
     }
 }
 
@@ -143,7 +148,7 @@ pub struct Source {
     pub principals: Field<Glob>,
     pub namespaces: Field<Glob>,
     /// `<namespace>/<serviceaccount>`, exact.
-    pub service_accounts: Field<String>,
+    pub service_accounts: Field<(String, String)>,
     pub ip_blocks: Field<IpBlock>,
     pub remote_ip_blocks: Field<IpBlock>,
 }
@@ -158,32 +163,17 @@ pub struct Operation {
     pub paths: Field<Glob>,
 }
 
-/// What a `when` condition reads.
+/// One `when[]` entry: what it reads, with values typed by it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum ConditionKey {
+pub enum Condition {
     /// `request.headers[<name>]`, the name lower-cased.
-    RequestHeader(String),
-    SourceIp,
-    RemoteIp,
-    SourceNamespace,
-    SourcePrincipal,
-    DestinationIp,
-    DestinationPort,
-}
-
-/// The values of a condition, typed by its key.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum ConditionValues {
-    Strings(Field<Glob>),
-    Ips(Field<IpBlock>),
-    Ports(Field<u16>),
-}
-
-/// One `when[]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Condition {
-    pub key: ConditionKey,
-    pub values: ConditionValues,
+    RequestHeader(String, Field<Glob>),
+    SourceIp(Field<IpBlock>),
+    RemoteIp(Field<IpBlock>),
+    SourceNamespace(Field<Glob>),
+    SourcePrincipal(Field<Glob>),
+    DestinationIp(Field<IpBlock>),
+    DestinationPort(Field<u16>),
 }
 
 /// A rule: matches when one of `from`, one of `to` and every `when`
@@ -202,8 +192,8 @@ pub struct RequestFacts<'a> {
     /// plaintext.
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
-    /// `<namespace>/<serviceaccount>` of the caller, `None` for plaintext.
-    pub service_account: Option<&'a str>,
+    /// The caller's (namespace, service account), `None` for plaintext.
+    pub service_account: Option<(&'a str, &'a str)>,
     /// The caller's address on this connection.
     pub source_ip: Option<IpAddr>,
     /// The address the caller connected to.
@@ -226,7 +216,9 @@ impl Source {
             && self.namespaces.check(r.namespace, glob)
             && self
                 .service_accounts
-                .check(r.service_account, |s: &String, v: &str| s == v)
+                .check(r.service_account, |s: &(String, String), v: (&str, &str)| {
+                    s.0 == v.0 && s.1 == v.1
+                })
             && self.ip_blocks.check(r.source_ip, ip)
             // No trusted proxies in front of a sidecar: the remote address
             // is the connection's.
@@ -261,8 +253,8 @@ impl Condition {
     fn matches(&self, r: &RequestFacts<'_>) -> bool {
         let glob = |g: &Glob, v: &str| g.matches(v);
         let ip = |b: &IpBlock, v: IpAddr| b.contains(v);
-        match (&self.key, &self.values) {
-            (ConditionKey::RequestHeader(name), ConditionValues::Strings(f)) => {
+        match self {
+            Condition::RequestHeader(name, f) => {
                 // Several values of one header are joined as Envoy does.
                 let joined = r.headers.and_then(|h| {
                     let vals: Vec<&str> = h
@@ -274,21 +266,15 @@ impl Condition {
                 });
                 f.check(joined.as_deref(), glob)
             }
-            (ConditionKey::SourceNamespace, ConditionValues::Strings(f)) => {
-                f.check(r.namespace, glob)
-            }
-            (ConditionKey::SourcePrincipal, ConditionValues::Strings(f)) => {
-                f.check(r.principal, glob)
-            }
-            (ConditionKey::SourceIp | ConditionKey::RemoteIp, ConditionValues::Ips(f)) => {
-                f.check(r.source_ip, ip)
-            }
-            (ConditionKey::DestinationIp, ConditionValues::Ips(f)) => f.check(r.destination_ip, ip),
-            (ConditionKey::DestinationPort, ConditionValues::Ports(f)) => {
+            Condition::SourceNamespace(f) => f.check(r.namespace, glob),
+            Condition::SourcePrincipal(f) => f.check(r.principal, glob),
+            // No trusted proxies in front of a sidecar: the remote address
+            // is the connection's.
+            Condition::SourceIp(f) | Condition::RemoteIp(f) => f.check(r.source_ip, ip),
+            Condition::DestinationIp(f) => f.check(r.destination_ip, ip),
+            Condition::DestinationPort(f) => {
                 f.check(Some(r.destination_port), |p: &u16, v: u16| *p == v)
             }
-            // Built only in matching pairs by `parse_condition`.
-            _ => false,
         }
     }
 }
@@ -453,9 +439,11 @@ fn port(v: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("{v:?} is not a port number (1-65535)"))
 }
 
-fn service_account(v: &str) -> Result<String, String> {
+fn service_account(v: &str) -> Result<(String, String), String> {
     match v.split_once('/') {
-        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok(v.to_owned()),
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.to_owned(), sa.to_owned()))
+        }
         _ => Err(format!(
             "{v:?} is not <namespace>/<serviceaccount> (exact match only)"
         )),
@@ -467,32 +455,24 @@ fn parse_condition(at: &str, c: ConditionSpec) -> Result<Condition, String> {
         return Err(format!("{at}: give values or notValues for {:?}", c.key));
     }
     let (v_at, n_at) = (format!("{at}.values"), format!("{at}.notValues"));
-    let strings = |c: ConditionSpec| {
-        field(&v_at, &n_at, c.values, c.not_values, glob).map(ConditionValues::Strings)
-    };
-    let ips = |c: ConditionSpec| {
-        field(&v_at, &n_at, c.values, c.not_values, IpBlock::parse).map(ConditionValues::Ips)
-    };
+    let strings = |c: ConditionSpec| field(&v_at, &n_at, c.values, c.not_values, glob);
+    let ips = |c: ConditionSpec| field(&v_at, &n_at, c.values, c.not_values, IpBlock::parse);
     let key = c.key.clone();
-    let (key, values) = match key.as_str() {
-        "source.ip" => (ConditionKey::SourceIp, ips(c)?),
-        "remote.ip" => (ConditionKey::RemoteIp, ips(c)?),
-        "destination.ip" => (ConditionKey::DestinationIp, ips(c)?),
-        "source.namespace" => (ConditionKey::SourceNamespace, strings(c)?),
-        "source.principal" => (ConditionKey::SourcePrincipal, strings(c)?),
-        "destination.port" => (
-            ConditionKey::DestinationPort,
-            ConditionValues::Ports(field(&v_at, &n_at, c.values, c.not_values, port)?),
-        ),
+    Ok(match key.as_str() {
+        "source.ip" => Condition::SourceIp(ips(c)?),
+        "remote.ip" => Condition::RemoteIp(ips(c)?),
+        "destination.ip" => Condition::DestinationIp(ips(c)?),
+        "source.namespace" => Condition::SourceNamespace(strings(c)?),
+        "source.principal" => Condition::SourcePrincipal(strings(c)?),
+        "destination.port" => {
+            Condition::DestinationPort(field(&v_at, &n_at, c.values, c.not_values, port)?)
+        }
         k if k.starts_with("request.headers[") && k.ends_with(']') => {
             let name = &k["request.headers[".len()..k.len() - 1];
             if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(format!("{at}.key {k:?}: {name:?} is not a header name"));
             }
-            (
-                ConditionKey::RequestHeader(name.to_ascii_lowercase()),
-                strings(c)?,
-            )
+            Condition::RequestHeader(name.to_ascii_lowercase(), strings(c)?)
         }
         k if k.starts_with("request.auth.") => {
             return Err(format!(
@@ -509,8 +489,7 @@ fn parse_condition(at: &str, c: ConditionSpec) -> Result<Condition, String> {
                 "{at}.key {k:?} is not a condition key; use request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip or destination.port"
             ));
         }
-    };
-    Ok(Condition { key, values })
+    })
 }
 
 impl AuthorizationPolicy {
@@ -604,23 +583,33 @@ impl AuthorizationPolicy {
                 (p, None)
             }
             Err(e) => {
-                let selector = SelectorSpec::read_alone(spec);
-                let action = match spec.get("action").and_then(|a| a.as_str()) {
-                    Some("DENY") => AuthzAction::Deny,
-                    _ => AuthzAction::Allow,
-                };
-                let p = Self {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    selector,
-                    action,
-                    rules: Vec::new(),
-                    dry_run,
-                    unenforceable: Some(e.to_string()),
-                    spec_json: spec.to_string(),
-                };
+                let mut p = Self::strictest(SelectorSpec::read_alone(spec), &e, spec.to_string());
+                p.dry_run = dry_run;
                 (p, Some(e))
             }
+        }
+    }
+
+    /// The policy kept for an object that cannot be enforced for reason
+    /// `e` (which names it): it denies every request to the workloads
+    /// `selector` picks (`None`: the whole namespace).
+    pub fn strictest(
+        selector: Option<BTreeMap<String, String>>,
+        e: &PolicyError,
+        spec_json: String,
+    ) -> Self {
+        let PolicyError::Spec {
+            namespace, name, ..
+        } = e;
+        Self {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            selector,
+            action: AuthzAction::Deny,
+            rules: Vec::new(),
+            dry_run: false,
+            unenforceable: Some(e.to_string()),
+            spec_json,
         }
     }
 
@@ -880,9 +869,9 @@ mod tests {
         )
         .unwrap();
         let mut f = facts(Some("td/ns/sample/sa/sleep"), "GET", "/");
-        f.service_account = Some("sample/sleep");
+        f.service_account = Some(("sample", "sleep"));
         assert!(sa.matches(&f));
-        f.service_account = Some("sample/other");
+        f.service_account = Some(("sample", "other"));
         assert!(!sa.matches(&f));
     }
 

@@ -123,18 +123,31 @@ impl PeerAuthentication {
         match Self::from_spec(namespace, name, spec) {
             Ok(p) => (p, None),
             Err(e) => {
-                let selector = SelectorSpec::read_alone(spec);
-                let p = Self {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    selector,
-                    mode: Some(MtlsMode::Strict),
-                    port_level: BTreeMap::new(),
-                    unenforceable: Some(e.to_string()),
-                    spec_json: spec.to_string(),
-                };
+                let p = Self::strictest(SelectorSpec::read_alone(spec), &e, spec.to_string());
                 (p, Some(e))
             }
+        }
+    }
+
+    /// The object kept for one that cannot be applied for reason `e`
+    /// (which names it): STRICT for the workloads `selector` picks
+    /// (`None`: the whole namespace, or the mesh in the root namespace).
+    pub fn strictest(
+        selector: Option<BTreeMap<String, String>>,
+        e: &PolicyError,
+        spec_json: String,
+    ) -> Self {
+        let PolicyError::Spec {
+            namespace, name, ..
+        } = e;
+        Self {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            selector,
+            mode: Some(MtlsMode::Strict),
+            port_level: BTreeMap::new(),
+            unenforceable: Some(e.to_string()),
+            spec_json,
         }
     }
 
