@@ -31,9 +31,11 @@ use crate::objects::Kind;
 use crate::reconcile::reconcile_loop;
 use crate::service::FederationService;
 use crate::session::MAX_MESSAGE_BYTES;
+use crate::sink::kube::KubeSink;
 use crate::sink::{FilesSink, Sink};
 use crate::source::Store;
 use crate::source::files::FilesSource;
+use crate::source::kube::{KubeSource, SourceHealth};
 use crate::state::{ClientTls, Shared};
 use crate::state::{PeerState, PeerStatus};
 
@@ -82,8 +84,7 @@ impl ConfigDump for ConflictDump {
         "conflicts"
     }
     fn dump(&self) -> serde_json::Value {
-        serde_json::to_value(&*self.0.conflicts.lock().unwrap_or_else(|e| e.into_inner()))
-            .unwrap_or_default()
+        serde_json::to_value(&**self.0.conflicts.borrow()).unwrap_or_default()
     }
 }
 
@@ -109,6 +110,27 @@ impl ConfigDump for LinksDump {
             .map(|f| serde_json::json!({"cluster": f.name, "address": f.address, "error": f.link_error}))
             .collect();
         serde_json::Value::Array(pending)
+    }
+}
+
+struct SourceDump(SourceHealth);
+impl ConfigDump for SourceDump {
+    fn name(&self) -> &str {
+        "source"
+    }
+    fn dump(&self) -> serde_json::Value {
+        let kinds: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .snapshot()
+            .into_iter()
+            .map(|(k, h)| {
+                (
+                    format!("{k:?}"),
+                    serde_json::to_value(h).unwrap_or_default(),
+                )
+            })
+            .collect();
+        serde_json::Value::Object(kinds)
     }
 }
 
@@ -154,13 +176,32 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     })?;
     let local_addr = local_listener.local_addr()?;
 
-    // Source → store → catalogue.
+    // Source → store → catalogue. The sink follows the source: a cluster
+    // read from files gets its imports as files beside its manifests, one
+    // read from its API server gets them there.
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    tokio::spawn(
-        FilesSource::new(config.source.dir())
-            .run(events_tx)
-            .instrument(info_span!("source", dir = %config.source.dir().display())),
-    );
+    let mut source_health = None;
+    let kube_client = match &config.source {
+        SourceConfig::Files { dir } => {
+            tokio::spawn(
+                FilesSource::new(dir)
+                    .run(events_tx)
+                    .instrument(info_span!("source", dir = %dir.display())),
+            );
+            None
+        }
+        SourceConfig::Kube(k) => {
+            let (client, url) = crate::k8s::client(k).await?;
+            let source = KubeSource::new(client.clone());
+            source_health = Some(source.health());
+            tokio::spawn(
+                source
+                    .run(events_tx)
+                    .instrument(info_span!("source", api = %url)),
+            );
+            Some((client, url))
+        }
+    };
     let (mut store, mut objects) = Store::new(&Kind::ALL);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let locality = config.cluster.locality.clone();
@@ -238,7 +279,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         changed: Arc::new(Notify::new()),
         shutdown: drain.signal(),
         metrics,
-        conflicts: Default::default(),
+        conflicts: watch::channel(Arc::new(Vec::new())).0,
     });
 
     // Federation server: peers' controllers get in with mTLS; anonymous
@@ -274,10 +315,27 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
 
     // Peers from the config and from earlier links, seeded from the
     // ServiceEntries a previous run wrote.
-    // The sink follows the source: a cluster read from files gets its
-    // imports as files beside its manifests.
-    let sink: Arc<dyn Sink> = match &config.source {
-        SourceConfig::Files { dir } => Arc::new(FilesSink::new(dir, gateway)),
+    let sink: Arc<dyn Sink> = match (&config.source, &kube_client) {
+        (SourceConfig::Files { dir }, _) => Arc::new(FilesSink::new(dir, gateway)),
+        (SourceConfig::Kube(_), Some((client, url))) => {
+            tokio::spawn(
+                crate::sink::export_status::run(
+                    client.clone(),
+                    shared.cluster.clone(),
+                    shared.catalog.clone(),
+                    shared.conflicts.subscribe(),
+                    shared.shutdown.clone(),
+                )
+                .instrument(info_span!("export_status")),
+            );
+            Arc::new(KubeSink::new(
+                client.clone(),
+                url.clone(),
+                tokio::runtime::Handle::current(),
+                gateway,
+            ))
+        }
+        (SourceConfig::Kube(_), None) => unreachable!("a kube source has a client"),
     };
     let mut seeded = sink.seed();
     let mut initial: Vec<(PeerState, Option<TrustBundle>)> = config
@@ -389,7 +447,10 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             Arc::new(ProblemsDump(shared.catalog.clone())),
             Arc::new(LinksDump(config.state_dir.clone())),
             Arc::new(MeshDump(mesh_rx.clone())),
-        ],
+        ]
+        .into_iter()
+        .chain(source_health.map(|h| Arc::new(SourceDump(h)) as Arc<dyn ConfigDump>))
+        .collect(),
         deps.logs,
         registry,
         ready.clone(),

@@ -55,7 +55,31 @@ pub struct Catalog {
     pub authorization_policies: BTreeMap<String, Arc<isthmus_core::model::AuthorizationPolicy>>,
     /// Objects refused or applied in their strictest form.
     pub problems: Vec<ConfigProblem>,
+    /// Every ServiceExport: whether it is valid, and the status it shows
+    /// (the kube sink writes what MCS defines from these).
+    pub export_states: BTreeMap<ServiceKey, ExportState>,
 }
+
+/// A ServiceExport as the catalogue judged it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExportState {
+    pub generation: u64,
+    /// Why it cannot be exported: (MCS reason, message).
+    pub invalid: Option<(&'static str, String)>,
+    /// The status conditions the object shows now.
+    pub observed: Vec<crate::objects::ExportCondition>,
+}
+
+/// Pod labels that name one pod or one rollout, not a version of the
+/// workload: endpoints are grouped by label set, so keeping them would
+/// make a group per pod (StatefulSets) or per rollout.
+const PER_POD_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+];
 
 /// Parses every policy object of `kind` with `parse`, keyed by
 /// `namespace/name`. `parse` returns the object to apply (an AP or PA
@@ -128,10 +152,19 @@ impl Catalog {
             }
         }
         let mut services = BTreeMap::new();
+        let mut external_names = BTreeSet::new();
         for o in objects.values() {
-            let Body::Service { ports } = &o.body else {
+            let Body::Service {
+                ports,
+                service_type,
+            } = &o.body
+            else {
                 continue;
             };
+            if service_type == "ExternalName" {
+                external_names.insert(ServiceKey::new(&o.key.namespace, &o.key.name));
+                continue;
+            }
             let key = ServiceKey::new(&o.key.namespace, &o.key.name);
             let mut slice_ports: BTreeMap<String, u16> = BTreeMap::new();
             let mut endpoints = Vec::new();
@@ -150,6 +183,28 @@ impl Catalog {
                 };
                 slice_ports.extend(sp.iter().map(|(k, v)| (k.clone(), *v)));
                 for e in eps {
+                    // Subset labels: the endpoint's own (files mode), else
+                    // its Pod's.
+                    let pod_labels;
+                    let labels = if e.labels.is_empty() && !e.target.is_empty() {
+                        pod_labels = objects
+                            .get(&crate::objects::ObjectKey {
+                                kind: Kind::Pod,
+                                namespace: o.key.namespace.clone(),
+                                name: e.target.clone(),
+                            })
+                            .map(|p| {
+                                p.labels
+                                    .iter()
+                                    .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
+                                    .map(|(k, v)| (k.clone(), v.clone()))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        &pod_labels
+                    } else {
+                        &e.labels
+                    };
                     let (region, zone) = match nodes.get(e.node_name.as_str()) {
                         Some((r, z)) => (
                             r.to_string(),
@@ -176,7 +231,7 @@ impl Catalog {
                                 zone: zone.clone(),
                                 subzone: String::new(),
                             },
-                            labels: e.labels.clone(),
+                            labels: labels.clone(),
                             workload: e.target.clone(),
                         });
                     }
@@ -206,12 +261,40 @@ impl Catalog {
         }
 
         let mut exports = BTreeMap::new();
+        let mut export_states = BTreeMap::new();
         for o in objects
             .values()
             .filter(|o| o.key.kind == Kind::ServiceExport)
         {
             let key = ServiceKey::new(&o.key.namespace, &o.key.name);
-            let Some(svc) = services.get(&key) else {
+            let (generation, observed) = match &o.body {
+                Body::ServiceExport {
+                    generation,
+                    conditions,
+                } => (*generation, conditions.clone()),
+                _ => (0, Vec::new()),
+            };
+            let svc = services.get(&key);
+            let invalid = match svc {
+                Some(_) => None,
+                None if external_names.contains(&key) => Some((
+                    "InvalidServiceType",
+                    format!("Service {key} is of type ExternalName, which cannot be exported"),
+                )),
+                None => Some((
+                    "NoService",
+                    format!("no Service {key}: create it, or delete this ServiceExport"),
+                )),
+            };
+            export_states.insert(
+                key.clone(),
+                ExportState {
+                    generation,
+                    invalid,
+                    observed,
+                },
+            );
+            let Some(svc) = svc else {
                 continue;
             };
             let mut groups: BTreeMap<(Locality, BTreeMap<String, String>), (u32, u32)> =
@@ -255,6 +338,7 @@ impl Catalog {
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
             exports,
+            export_states,
             listed: true,
             destination_rules: policies(
                 objects,

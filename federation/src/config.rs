@@ -19,6 +19,10 @@ pub const DEFAULT_DASHBOARD_ADDR: &str = "0.0.0.0:15080";
 /// plane becomes unreachable, before it is withdrawn.
 pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
 
+/// Where a controller reading the Kubernetes API keeps link tokens and
+/// linked peers unless `stateDir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/isthmus";
+
 /// Default heartbeat interval on federation streams; a peer silent for
 /// three intervals is disconnected, and marked stale after two.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -46,15 +50,20 @@ pub enum SourceConfig {
     /// imports are written as ServiceEntry files under
     /// `DIR/isthmus-imports/`. (`sourceDir: DIR` is the older spelling.)
     Files { dir: PathBuf },
+    /// `source: {kube: {...}}`: the cluster's Kubernetes API; imports are
+    /// written there as ServiceEntry objects by server-side apply.
+    Kube(KubeSource),
 }
 
-impl SourceConfig {
-    /// The directory, for the files source.
-    pub fn dir(&self) -> &std::path::Path {
-        match self {
-            SourceConfig::Files { dir } => dir,
-        }
-    }
+/// How to reach the Kubernetes API (`source.kube`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeSource {
+    /// A kubeconfig file; without it, the in-cluster configuration (the
+    /// pod's ServiceAccount), else `$KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    pub context: Option<String>,
 }
 
 /// The controller's whole configuration.
@@ -100,11 +109,21 @@ impl FromConfig for ControllerConfig {
         let ca_dir = r.required("caDir");
         let src = r.object("source");
         let files: Option<PathBuf> = src.optional("files");
+        let kube = src.has("kube").then(|| {
+            let k = src.object("kube");
+            let out = KubeSource {
+                kubeconfig: k.optional("kubeconfig"),
+                context: k.optional("context"),
+            };
+            k.finish();
+            out
+        });
         src.finish();
         let short: Option<PathBuf> = r.optional("sourceDir");
-        let source_dir = match (files, short) {
-            (Some(d), None) | (None, Some(d)) => Some(d),
-            (Some(_), Some(_)) => {
+        let source = match (files, short, kube) {
+            (Some(d), None, None) | (None, Some(d), None) => Some(SourceConfig::Files { dir: d }),
+            (None, None, Some(k)) => Some(SourceConfig::Kube(k)),
+            (Some(_), Some(_), _) => {
                 r.error(
                     "sourceDir",
                     "both source.files and sourceDir are set",
@@ -112,11 +131,19 @@ impl FromConfig for ControllerConfig {
                 );
                 None
             }
-            (None, None) => {
+            (_, _, Some(_)) => {
+                r.error(
+                    "source",
+                    "both a files directory and kube are set",
+                    "keep one: source: {kube: {}} for a Kubernetes cluster, source: {files: DIR} for manifests in a directory",
+                );
+                None
+            }
+            (None, None, None) => {
                 r.error(
                     "source",
                     "is missing: the controller must read its cluster from somewhere",
-                    "set source: {files: <directory of the cluster's manifests>}",
+                    "set source: {kube: {}} (the cluster's API) or source: {files: <directory of the cluster's manifests>}",
                 );
                 None
             }
@@ -184,17 +211,17 @@ impl FromConfig for ControllerConfig {
         Some(Self {
             cluster: cluster?,
             ca_dir: ca_dir?,
-            source: SourceConfig::Files {
-                dir: source_dir.clone()?,
-            },
+            state_dir: state_dir.unwrap_or_else(|| match &source {
+                Some(SourceConfig::Files { dir }) => dir.join(".isthmus"),
+                _ => PathBuf::from(DEFAULT_STATE_DIR),
+            }),
+            source: source?,
             federation_addr,
             local_addr,
             dashboard_addr,
             gateway_address: gateway_address?,
             advertise_address,
             ca_tokens,
-            state_dir: state_dir
-                .unwrap_or_else(|| source_dir.clone().unwrap_or_default().join(".isthmus")),
             stale_lease,
             heartbeat,
             peers: peers.into_iter().collect::<Option<_>>()?,

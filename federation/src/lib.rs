@@ -15,6 +15,7 @@ pub mod configstream;
 pub mod dial;
 pub mod export;
 pub mod import;
+pub mod k8s;
 pub mod link;
 pub mod metrics;
 pub mod objects;

@@ -12,6 +12,9 @@ use serde_json::Value;
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Pods give endpoints their labels (an EndpointSlice's endpoints
+    /// have none): only their metadata is read.
+    Pod,
     ServiceExport,
     Node,
     DestinationRule,
@@ -22,9 +25,10 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind a controller reads.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::Pod,
         Kind::ServiceExport,
         Kind::Node,
         Kind::DestinationRule,
@@ -38,6 +42,7 @@ impl Kind {
         Some(match (group, kind) {
             ("", "Service") => Kind::Service,
             ("", "Node") => Kind::Node,
+            ("", "Pod") => Kind::Pod,
             ("discovery.k8s.io", "EndpointSlice") => Kind::EndpointSlice,
             ("multicluster.x-k8s.io", "ServiceExport") => Kind::ServiceExport,
             ("networking.istio.io", "DestinationRule") => Kind::DestinationRule,
@@ -51,6 +56,23 @@ impl Kind {
     /// Cluster-scoped kinds have no namespace.
     pub fn namespaced(self) -> bool {
         self != Kind::Node
+    }
+
+    /// (group, version, plural) on a Kubernetes API server. ServiceExport
+    /// is `multicluster.x-k8s.io/v1alpha1` here; the kube source uses
+    /// whichever version the server serves.
+    pub fn api(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Kind::Service => ("", "v1", "services"),
+            Kind::EndpointSlice => ("discovery.k8s.io", "v1", "endpointslices"),
+            Kind::Pod => ("", "v1", "pods"),
+            Kind::ServiceExport => ("multicluster.x-k8s.io", "v1alpha1", "serviceexports"),
+            Kind::Node => ("", "v1", "nodes"),
+            Kind::DestinationRule => ("networking.istio.io", "v1", "destinationrules"),
+            Kind::VirtualService => ("networking.istio.io", "v1", "virtualservices"),
+            Kind::PeerAuthentication => ("security.istio.io", "v1", "peerauthentications"),
+            Kind::AuthorizationPolicy => ("security.istio.io", "v1", "authorizationpolicies"),
+        }
     }
 }
 
@@ -93,10 +115,10 @@ pub struct SliceEndpoint {
     pub node_name: String,
     /// Pod (or demo instance) name from `targetRef`.
     pub target: String,
-    /// The pod's labels, for DestinationRule subsets. Kubernetes
-    /// EndpointSlices do not carry them; the kube source fills them from
-    /// the pods, and in files mode they are written on the endpoint as
-    /// `labels:` (or `targetRef.labels:`), an Isthmus extension.
+    /// The endpoint's labels, for DestinationRule subsets: the labels of
+    /// the Pod its `targetRef` names (the catalogue joins them). A files
+    /// cluster may also write them on the endpoint as `labels:` (or
+    /// `targetRef.labels:`), an Isthmus extension a real API server drops.
     pub labels: BTreeMap<String, String>,
 }
 
@@ -105,6 +127,9 @@ pub struct SliceEndpoint {
 pub enum Body {
     Service {
         ports: Vec<ServicePortSpec>,
+        /// `spec.type`: ClusterIP (the default), NodePort, LoadBalancer,
+        /// ExternalName (which MCS does not export).
+        service_type: String,
     },
     EndpointSlice {
         /// The Service it belongs to (`kubernetes.io/service-name`).
@@ -112,7 +137,15 @@ pub enum Body {
         ports: BTreeMap<String, u16>,
         endpoints: Vec<SliceEndpoint>,
     },
-    ServiceExport,
+    ServiceExport {
+        /// `metadata.generation`, for `observedGeneration`.
+        generation: u64,
+        /// `status.conditions` as (type, status, reason, message): what
+        /// the controller wrote last, so it writes only what changed.
+        conditions: Vec<ExportCondition>,
+    },
+    /// A Pod: its labels are the object's.
+    Pod,
     Node {
         region: String,
         zone: String,
@@ -126,6 +159,17 @@ pub enum Body {
         /// ([`CARRIED_ANNOTATIONS`]); the rest are not kept.
         annotations: BTreeMap<String, String>,
     },
+}
+
+/// One condition of a ServiceExport's status.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct ExportCondition {
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub observed_generation: u64,
+    pub last_transition: String,
 }
 
 /// A parsed object.
@@ -190,9 +234,13 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
     let spec = doc.get("spec");
     let body = match kind {
         Kind::Service => {
+            let external =
+                spec.and_then(|s| s.get("type")).and_then(Value::as_str) == Some("ExternalName");
+            let no_ports = Vec::new();
             let ports = spec
                 .and_then(|s| s.get("ports"))
                 .and_then(Value::as_array)
+                .or(external.then_some(&no_ports))
                 .ok_or_else(|| {
                     err(
                         "spec.ports",
@@ -237,7 +285,14 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
                     app_protocol: s("appProtocol", ""),
                 });
             }
-            Body::Service { ports: out }
+            Body::Service {
+                ports: out,
+                service_type: spec
+                    .and_then(|s| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("ClusterIP")
+                    .to_owned(),
+            }
         }
         Kind::EndpointSlice => {
             let service = labels
@@ -324,7 +379,30 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
                 endpoints,
             }
         }
-        Kind::ServiceExport => Body::ServiceExport,
+        Kind::ServiceExport => Body::ServiceExport {
+            generation: meta.get("generation").and_then(Value::as_u64).unwrap_or(0),
+            conditions: doc
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                    ExportCondition {
+                        type_: s("type"),
+                        status: s("status"),
+                        reason: s("reason"),
+                        message: s("message"),
+                        observed_generation: c
+                            .get("observedGeneration")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                        last_transition: s("lastTransitionTime"),
+                    }
+                })
+                .collect(),
+        },
+        Kind::Pod => Body::Pod,
         Kind::Node => Body::Node {
             region: labels
                 .get("topology.kubernetes.io/region")

@@ -291,7 +291,13 @@ pub async fn reconcile_loop(
                 tracing::debug!(service = %c.service, winner = %c.winner, excluded = %c.excluded, reason = %c.reason, "export conflict");
             }
             shared.metrics.conflicts.set(imports.conflicts.len() as i64);
-            *shared.conflicts.lock().unwrap_or_else(|e| e.into_inner()) = imports.conflicts.clone();
+            shared.conflicts.send_if_modified(|c| {
+                let changed = **c != imports.conflicts;
+                if changed {
+                    *c = Arc::new(imports.conflicts.clone());
+                }
+                changed
+            });
             shared
                 .metrics
                 .services_exported

@@ -45,7 +45,9 @@ pub struct Shared {
     pub changed: Arc<Notify>,
     pub shutdown: DrainSignal,
     pub metrics: Metrics,
-    pub conflicts: std::sync::Mutex<Vec<Conflict>>,
+    /// Export conflicts from the last merge (the kube sink reflects the
+    /// ones involving this cluster in its ServiceExports' status).
+    pub conflicts: watch::Sender<Arc<Vec<Conflict>>>,
 }
 
 /// Builds the client TLS config for dialing a peer controller.

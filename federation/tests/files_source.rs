@@ -176,7 +176,7 @@ fn a_quiet_directory_scans_to_nothing_and_the_later_file_of_a_duplicate_wins() {
     write(dir.path(), "b.yaml", &export(2000));
     write(dir.path(), "other.yaml", HELLOWORLD);
     let port = |o: &isthmus_federation::objects::Object| match &o.body {
-        Body::Service { ports } => ports[0].port,
+        Body::Service { ports, .. } => ports[0].port,
         other => panic!("not a service: {other:?}"),
     };
     let mut src = FilesSource::new(dir.path());

@@ -242,7 +242,8 @@ mod tests {
 
     #[test]
     fn merge_is_granular_for_maps_and_whole_for_lists() {
-        let mut live = json!({"metadata": {"name": "a"}, "spec": {"a": 1, "list": [1, 2], "m": {"x": 1}}});
+        let mut live =
+            json!({"metadata": {"name": "a"}, "spec": {"a": 1, "list": [1, 2], "m": {"x": 1}}});
         merge(
             &mut live,
             &json!({"metadata": {"name": "ignored", "labels": {"l": "v"}}, "spec": {"list": [3], "m": {"y": 2}}}),

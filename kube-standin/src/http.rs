@@ -77,7 +77,11 @@ fn error(e: &ApiError) -> Response<Body> {
 }
 
 fn not_served() -> ApiError {
-    ApiError::new(404, "NotFound", "the server could not find the requested resource")
+    ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
 /// `application/x-www-form-urlencoded` decoding of one query value.
@@ -219,15 +223,19 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.split('/').next())
         .unwrap_or("unknown")
         .to_owned();
+    let meta_only = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     let ctx = WriteCtx {
-        manager: query
-            .get("fieldManager")
-            .map(str::to_owned)
-            .unwrap_or(if content_type == "application/apply-patch+yaml" {
+        manager: query.get("fieldManager").map(str::to_owned).unwrap_or(
+            if content_type == "application/apply-patch+yaml" {
                 String::new()
             } else {
                 agent
-            }),
+            },
+        ),
         dry_run: query.get("dryRun") == Some("All"),
     };
     let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
@@ -251,7 +259,16 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     } else {
         None
     };
-    match resource_request(&inner, &method, &target, &query, body, &content_type, &ctx) {
+    match resource_request(
+        &inner,
+        &method,
+        &target,
+        &query,
+        body,
+        &content_type,
+        meta_only,
+        &ctx,
+    ) {
         Ok(r) => r,
         Err(e) => error(&e),
     }
@@ -288,7 +305,9 @@ fn route(inner: &Inner, segs: &[&str]) -> Option<Target> {
     let cat = &inner.catalog;
     let namespaced = match rest {
         ["namespaces", ns, plural, tail @ ..]
-            if cat.find(group, version, plural).is_some_and(|r| r.namespaced) =>
+            if cat
+                .find(group, version, plural)
+                .is_some_and(|r| r.namespaced) =>
         {
             Some((*ns, *plural, tail))
         }
@@ -413,6 +432,7 @@ fn parse_continue(t: &str) -> Option<(u64, String, String)> {
     ))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn resource_request(
     inner: &Arc<Inner>,
     method: &Method,
@@ -420,6 +440,7 @@ fn resource_request(
     q: &Query,
     body: Option<Value>,
     content_type: &str,
+    meta_only: bool,
     ctx: &WriteCtx,
 ) -> Result<Response<Body>, ApiError> {
     let res = &t.res;
@@ -438,7 +459,7 @@ fn resource_request(
         };
     }
     match (method, &t.name) {
-        (&Method::GET, None) if q.flag("watch") => watch(inner, t, q),
+        (&Method::GET, None) if q.flag("watch") => watch(inner, t, q, meta_only),
         (&Method::GET, None) => {
             let (labels, fields) = selectors(q)?;
             let limit = q
@@ -463,19 +484,43 @@ fn resource_request(
                 }
                 None => (store.resource_version(), None),
             };
-            let (items, next) =
-                store.list(res, t.namespace.as_deref(), &labels, &fields, after.as_ref(), limit);
+            let (items, next) = store.list(
+                res,
+                t.namespace.as_deref(),
+                &labels,
+                &fields,
+                after.as_ref(),
+                limit,
+            );
             let mut meta = json!({"resourceVersion": rv.to_string()});
             if let Some((n, m)) = next {
                 meta["continue"] = json!(continue_token(rv, &n, &m));
             }
+            let (kind, api_version, items) = if meta_only {
+                (
+                    "PartialObjectMetadataList".to_owned(),
+                    "meta.k8s.io/v1".to_owned(),
+                    items.iter().map(crate::store::metadata_only).collect(),
+                )
+            } else {
+                (format!("{}List", res.kind), res.api_version(), items)
+            };
             Ok(json_response(
                 200,
-                &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(),
-                        "metadata": meta, "items": items}),
+                &json!({"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items}),
             ))
         }
-        (&Method::GET, Some(name)) => Ok(json_response(200, &inner.lock().get(res, &ns, name)?)),
+        (&Method::GET, Some(name)) => {
+            let o = inner.lock().get(res, &ns, name)?;
+            Ok(json_response(
+                200,
+                &if meta_only {
+                    crate::store::metadata_only(&o)
+                } else {
+                    o
+                },
+            ))
+        }
         (&Method::POST, None) => {
             let obj = body.unwrap_or_default();
             let created = inner.lock().create(res, &ns, obj, ctx)?;
@@ -483,9 +528,7 @@ fn resource_request(
         }
         (&Method::PUT, Some(name)) => {
             let obj = body.unwrap_or_default();
-            let out = inner
-                .lock()
-                .replace(res, &ns, name, obj, t.status, ctx)?;
+            let out = inner.lock().replace(res, &ns, name, obj, t.status, ctx)?;
             Ok(json_response(200, &out))
         }
         (&Method::PATCH, Some(name)) => {
@@ -505,15 +548,18 @@ fn resource_request(
                     return Err(ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"),
+                        format!(
+                            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
+                        ),
                     ));
                 }
             };
             Ok(json_response(200, &out))
         }
-        (&Method::DELETE, Some(name)) => {
-            Ok(json_response(200, &inner.lock().delete(res, &ns, name, ctx)?))
-        }
+        (&Method::DELETE, Some(name)) => Ok(json_response(
+            200,
+            &inner.lock().delete(res, &ns, name, ctx)?,
+        )),
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",
@@ -555,7 +601,12 @@ fn token_review(inner: &Inner, review: Value) -> Result<Response<Body>, ApiError
     Ok(json_response(201, &out))
 }
 
-fn watch(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, ApiError> {
+fn watch(
+    inner: &Arc<Inner>,
+    t: &Target,
+    q: &Query,
+    meta_only: bool,
+) -> Result<Response<Body>, ApiError> {
     let (labels, fields) = selectors(q)?;
     let rv = match q.get("resourceVersion") {
         None | Some("" | "0") => None,
@@ -568,6 +619,7 @@ fn watch(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, Ap
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(1800);
     let filter = WatchFilter {
+        meta_only,
         res: t.res.qualified(),
         namespace: t.namespace.clone(),
         labels,

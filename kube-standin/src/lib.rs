@@ -150,7 +150,12 @@ pub struct ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(h) = self.serving.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             h.abort();
         }
         self.bookmarks.abort();
@@ -191,7 +196,12 @@ impl ApiServer {
     /// Stops serving: the listener closes and every connection (watches
     /// included) is cut, as when the API server goes down. Objects stay.
     pub fn stop(&self) {
-        if let Some(h) = self.serving.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             h.abort();
         }
         self.inner.lock().cut_watches();
@@ -220,7 +230,11 @@ impl ApiServer {
     /// The next `n` resource requests fail with `code` (429 comes with
     /// `Retry-After: 1`).
     pub fn fail_next(&self, n: u32, code: u16) {
-        self.inner.faults.lock().unwrap_or_else(|e| e.into_inner()).fail_next = Some((n, code));
+        self.inner
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail_next = Some((n, code));
     }
 
     /// RBAC forbids `verb` (`list`, `watch`, `patch`, … or `*`) on
@@ -324,7 +338,9 @@ impl ApiServer {
             .find(|r| r.api_version() == api_version && r.kind == kind)
             .copied()
             .ok_or_else(|| anyhow::anyhow!("the stand-in does not serve {api_version} {kind}"))?;
-        let ns = manifest["metadata"]["namespace"].as_str().unwrap_or("default");
+        let ns = manifest["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
         let name = manifest["metadata"]["name"].as_str().unwrap_or("");
         let ctx = WriteCtx {
             manager: "test".into(),
@@ -351,6 +367,9 @@ impl ApiServer {
             manager: "test".into(),
             dry_run: false,
         };
-        self.inner.lock().delete(&res, namespace, name, &ctx).is_ok()
+        self.inner
+            .lock()
+            .delete(&res, namespace, name, &ctx)
+            .is_ok()
     }
 }

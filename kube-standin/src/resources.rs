@@ -94,14 +94,7 @@ pub const ALL: &[Resource] = &[
         true,
         false,
     ),
-    Resource::new(
-        "coordination.k8s.io",
-        "v1",
-        "Lease",
-        "leases",
-        true,
-        false,
-    ),
+    Resource::new("coordination.k8s.io", "v1", "Lease", "leases", true, false),
     Resource {
         review: true,
         ..Resource::new(
@@ -278,7 +271,9 @@ impl Catalog {
         } else {
             format!("{group}/{version}")
         };
-        Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+        Some(
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+        )
     }
 
     /// `GET /openapi/v3`: one document per group-version.
@@ -346,7 +341,11 @@ impl Catalog {
             );
             let schema_name = format!(
                 "{}.{}.{}",
-                if r.group.is_empty() { "io.k8s.api.core" } else { r.group },
+                if r.group.is_empty() {
+                    "io.k8s.api.core"
+                } else {
+                    r.group
+                },
                 r.version,
                 r.kind
             );

@@ -65,7 +65,10 @@ impl LabelSelector {
                 Req::NotIn(k.trim().to_owned(), set(v)?)
             } else if let Some((k, v)) = t.split_once(" in ") {
                 Req::In(k.trim().to_owned(), set(v)?)
-            } else if t.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+            } else if t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
                 Req::Exists(t.to_owned())
             } else {
                 return Err(format!("unable to parse requirement: {t:?}"));

@@ -113,6 +113,8 @@ struct Change {
 /// What a watch asked for.
 #[derive(Debug, Clone)]
 pub struct WatchFilter {
+    /// Metadata only (`as=PartialObjectMetadata`).
+    pub meta_only: bool,
     pub res: String,
     pub namespace: Option<String>,
     pub labels: LabelSelector,
@@ -131,14 +133,20 @@ impl WatchFilter {
         }
         let was = c.old.as_ref().filter(|o| self.matches(o));
         let is = c.new.as_ref().filter(|o| self.matches(o));
-        match (was, is, &c.new) {
-            (None, Some(n), _) => Some(json!({"type": "ADDED", "object": n})),
-            (Some(_), Some(n), _) => Some(json!({"type": "MODIFIED", "object": n})),
+        let (kind, obj) = match (was, is, &c.new) {
+            (None, Some(n), _) => ("ADDED", n),
+            (Some(_), Some(n), _) => ("MODIFIED", n),
             // No longer selected: gone, as far as this watch knows.
-            (Some(_), None, Some(n)) => Some(json!({"type": "DELETED", "object": n})),
-            (Some(o), None, None) => Some(json!({"type": "DELETED", "object": o})),
-            (None, None, _) => None,
-        }
+            (Some(_), None, Some(n)) => ("DELETED", n),
+            (Some(o), None, None) => ("DELETED", o),
+            (None, None, _) => return None,
+        };
+        let obj = if self.meta_only {
+            metadata_only(obj)
+        } else {
+            obj.clone()
+        };
+        Some(json!({"type": kind, "object": obj}))
     }
 }
 
@@ -330,6 +338,11 @@ impl Store {
                     usize::MAX,
                 );
                 for o in objs {
+                    let o = if filter.meta_only {
+                        metadata_only(&o)
+                    } else {
+                        o
+                    };
                     let _ = tx.send(line(&json!({"type": "ADDED", "object": o})));
                 }
             }
@@ -577,7 +590,10 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(res, name))?;
         if let Some(rv) = obj["metadata"]["resourceVersion"].as_str()
-            && rv != old.obj["metadata"]["resourceVersion"].as_str().unwrap_or("")
+            && rv
+                != old.obj["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
         {
             return Err(conflict_rv(res, name));
         }
@@ -663,7 +679,10 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(res, name))?;
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
-            && rv != old.obj["metadata"]["resourceVersion"].as_str().unwrap_or("")
+            && rv
+                != old.obj["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
         {
             return Err(conflict_rv(res, name));
         }
@@ -710,7 +729,10 @@ impl Store {
             return Err(ApiError::new(
                 422,
                 "Invalid",
-                format!("{} \"{name}\" is invalid: metadata.name: field is immutable", res.kind),
+                format!(
+                    "{} \"{name}\" is invalid: metadata.name: field is immutable",
+                    res.kind
+                ),
             ));
         }
         let merged = Self::scoped_replace(res, &old.obj, &mut new, status);
@@ -766,7 +788,9 @@ impl Store {
                 "the name of the object does not match the name on the URL",
             ));
         }
-        if !res.api_version().eq(applied["apiVersion"].as_str().unwrap_or(""))
+        if !res
+            .api_version()
+            .eq(applied["apiVersion"].as_str().unwrap_or(""))
             || applied["kind"].as_str() != Some(res.kind)
         {
             return Err(ApiError::new(
@@ -855,7 +879,9 @@ impl Store {
             }
         }
         fields::merge(&mut obj, applied, scope);
-        managed.retain(|m| !(m.manager == ctx.manager && m.operation == "Apply" && m.subresource == sub));
+        managed.retain(|m| {
+            !(m.manager == ctx.manager && m.operation == "Apply" && m.subresource == sub)
+        });
         // Fields set by this apply that were this manager's by Update
         // become its by Apply.
         for m in managed.iter_mut() {
@@ -869,7 +895,9 @@ impl Store {
             .and_then(|o| {
                 o.managed
                     .iter()
-                    .find(|m| m.manager == ctx.manager && m.operation == "Apply" && m.fields == new_fields)
+                    .find(|m| {
+                        m.manager == ctx.manager && m.operation == "Apply" && m.fields == new_fields
+                    })
                     .map(|m| m.time.clone())
             })
             .unwrap_or_else(now_rfc3339);
@@ -951,6 +979,12 @@ fn conflict_rv(res: &Resource, name: &str) -> ApiError {
     }
 }
 
+/// An object as `PartialObjectMetadata` (what clients asking for
+/// `as=PartialObjectMetadata` get).
+pub fn metadata_only(o: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o["metadata"]})
+}
+
 /// One watch event as a line of the stream.
 pub fn line(v: &Value) -> Bytes {
     let mut b = serde_json::to_vec(v).unwrap_or_default();
@@ -1012,13 +1046,15 @@ fn apply_json_op(doc: &mut Value, op: &Value) -> Result<(), String> {
             m.insert(last.clone(), op["value"].clone());
         }
         ("remove", Value::Object(m)) => {
-            m.remove(last).ok_or_else(|| format!("no such path {path:?}"))?;
+            m.remove(last)
+                .ok_or_else(|| format!("no such path {path:?}"))?;
         }
         ("add", Value::Array(a)) => {
             let i = if last == "-" {
                 a.len()
             } else {
-                last.parse::<usize>().map_err(|_| format!("bad index in {path:?}"))?
+                last.parse::<usize>()
+                    .map_err(|_| format!("bad index in {path:?}"))?
             };
             if i > a.len() {
                 return Err(format!("index out of range in {path:?}"));

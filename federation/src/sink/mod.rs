@@ -8,7 +8,9 @@
 //! (`controller.rs`, `sink_loop`): bulk writes may wait, heartbeats and
 //! merges may not. So the methods are blocking.
 
+pub mod export_status;
 pub mod files;
+pub mod kube;
 pub mod service_entry;
 
 use std::fmt;

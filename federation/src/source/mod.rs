@@ -13,10 +13,11 @@
 //! behind. Nothing is published before every kind the source reads has
 //! listed once.
 //!
-//! Sources live beside this file (`files.rs`); the controller picks one
+//! Sources live beside this file (`files.rs`, `kube.rs`); the controller picks one
 //! from its config's `source` section.
 
 pub mod files;
+pub mod kube;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -161,7 +162,10 @@ mod tests {
             },
             created: String::new(),
             labels: Default::default(),
-            body: Body::ServiceExport,
+            body: Body::ServiceExport {
+                generation: 1,
+                conditions: Vec::new(),
+            },
         })
     }
 

@@ -1,0 +1,320 @@
+//! The `kube` sink: imports as `ServiceEntry` objects
+//! (`networking.istio.io/v1`) in the cluster's API, by server-side apply
+//! with field manager [`FIELD_MANAGER`](crate::k8s::FIELD_MANAGER), only
+//! the fields Isthmus renders, labelled
+//! `app.kubernetes.io/managed-by: isthmus`.
+//!
+//! - What is already there is not written again: a full pass lists the
+//!   ServiceEntries Isthmus manages (by label) and applies only those
+//!   whose fields differ; an incremental pass applies what changed since
+//!   the last one. At steady state the sink makes no request at all.
+//! - Garbage: a full pass (the first, and every one after a failure)
+//!   deletes the labelled ServiceEntries no import wants — exports that
+//!   went away while the controller was down included.
+//! - A `409 Conflict` (another field manager owns a field Isthmus
+//!   renders) is reported and left alone, never forced; the other
+//!   imports are written.
+//! - A namespace that does not exist here is reported; the import waits
+//!   for it.
+//!
+//! The reconciler calls sinks from a dedicated thread; this one runs its
+//! requests on the controller's runtime through a handle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::ApiResource;
+use serde_json::Value;
+use tracing::warn;
+
+use super::service_entry::{MANAGED_BY, Seed, read_back, service_entry, service_entry_name};
+use super::{Sink, SinkError, SinkReport};
+use crate::import::Imports;
+use crate::k8s::{self, FIELD_MANAGER};
+
+/// Writes imports to a Kubernetes API server.
+pub struct KubeSink {
+    client: kube::Client,
+    runtime: tokio::runtime::Handle,
+    gateway: SocketAddr,
+    se: ApiResource,
+    /// The API server's URL, for messages.
+    url: String,
+    /// What was last applied, by (namespace, name): an incremental pass
+    /// skips what it would apply again.
+    written: Mutex<BTreeMap<(String, String), Value>>,
+    /// Objects refused with a conflict or a missing namespace, reported
+    /// once until they go through.
+    refused: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl std::fmt::Debug for KubeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSink")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn se_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
+        "serviceentries",
+    )
+}
+
+/// Whether the live object already holds every field Isthmus renders.
+fn holds(live: &Value, rendered: &Value) -> bool {
+    let labels_ok = rendered["metadata"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| live["metadata"]["labels"].get(k) == Some(v));
+    let spec_ok = rendered["spec"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| live["spec"].get(k) == Some(v));
+    labels_ok && spec_ok
+}
+
+fn name_of(v: &Value) -> (String, String) {
+    let s = |k: &str| v["metadata"][k].as_str().unwrap_or("").to_owned();
+    (s("namespace"), s("name"))
+}
+
+enum Put {
+    Written,
+    /// Refused for a reason an operator fixes (conflict, no namespace).
+    Refused(String),
+}
+
+impl KubeSink {
+    pub fn new(
+        client: kube::Client,
+        url: String,
+        runtime: tokio::runtime::Handle,
+        gateway: SocketAddr,
+    ) -> Self {
+        Self {
+            client,
+            url,
+            runtime,
+            gateway,
+            se: se_resource(),
+            written: Mutex::default(),
+            refused: Mutex::default(),
+        }
+    }
+
+    fn error(&self, verb: &str, e: kube::Error) -> SinkError {
+        SinkError {
+            target: self.target(),
+            hint: "the API server refused or could not be reached; the pass is retried",
+            source: k8s::explain(&e, verb, "serviceentries.networking.istio.io").into(),
+        }
+    }
+
+    async fn live(&self) -> Result<BTreeMap<(String, String), Value>, kube::Error> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.se);
+        let lp = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let list = api.list(&lp).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| {
+                let v = serde_json::to_value(o).ok()?;
+                Some((name_of(&v), v))
+            })
+            .collect())
+    }
+
+    async fn put(&self, se: &Value) -> Result<Put, kube::Error> {
+        let (ns, name) = name_of(se);
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &self.se);
+        match api
+            .patch(&name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(se))
+            .await
+        {
+            Ok(_) => Ok(Put::Written),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Put::Refused(format!(
+                "ServiceEntry {ns}/{name}: another field manager owns fields Isthmus writes ({}); Isthmus does not force: remove that manager's fields (or the object) to let the import through",
+                s.message
+            ))),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Put::Refused(format!(
+                "ServiceEntry {ns}/{name}: {} — create namespace {ns} in this cluster to import the service",
+                s.message
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn remove(&self, ns: &str, name: &str) -> Result<bool, kube::Error> {
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &self.se);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies `se`, recording the outcome in `report`.
+    async fn write(&self, se: Value, report: &mut SinkReport) -> Result<(), kube::Error> {
+        let id = name_of(&se);
+        match self.put(&se).await? {
+            Put::Written => {
+                report.written.push(format!("{}/{}", id.0, id.1));
+                self.refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, se);
+            }
+            Put::Refused(why) => {
+                if self
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone())
+                {
+                    warn!(error = %why, "import not written");
+                }
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn full_pass(&self, desired: &Imports) -> Result<SinkReport, SinkError> {
+        let live = self.live().await.map_err(|e| self.error("list", e))?;
+        let mut report = SinkReport::default();
+        let mut wanted = BTreeSet::new();
+        for svc in desired.services.values() {
+            let se = service_entry(svc, self.gateway);
+            let id = name_of(&se);
+            wanted.insert(id.clone());
+            if live.get(&id).is_some_and(|l| holds(l, &se)) {
+                report.unchanged += 1;
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, se);
+                continue;
+            }
+            self.write(se, &mut report)
+                .await
+                .map_err(|e| self.error("patch", e))?;
+        }
+        for (ns, name) in live.keys().filter(|k| !wanted.contains(*k)) {
+            if self
+                .remove(ns, name)
+                .await
+                .map_err(|e| self.error("delete", e))?
+            {
+                report.deleted.push(format!("{ns}/{name}"));
+            }
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(ns.clone(), name.clone()));
+        }
+        Ok(report)
+    }
+
+    async fn change_pass(&self, prev: &Imports, next: &Imports) -> Result<SinkReport, SinkError> {
+        let mut report = SinkReport::default();
+        for (k, svc) in &next.services {
+            if prev.services.get(k) == Some(svc) {
+                continue;
+            }
+            let se = service_entry(svc, self.gateway);
+            let same = self
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name_of(&se))
+                == Some(&se);
+            if same {
+                report.unchanged += 1;
+                continue;
+            }
+            self.write(se, &mut report)
+                .await
+                .map_err(|e| self.error("patch", e))?;
+        }
+        for k in prev
+            .services
+            .keys()
+            .filter(|k| !next.services.contains_key(*k))
+        {
+            let name = service_entry_name(k);
+            if self
+                .remove(&k.namespace, &name)
+                .await
+                .map_err(|e| self.error("delete", e))?
+            {
+                report.deleted.push(format!("{}/{name}", k.namespace));
+            }
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(k.namespace.clone(), name));
+        }
+        Ok(report)
+    }
+}
+
+impl Sink for KubeSink {
+    fn apply_all(&self, desired: &Imports) -> Result<SinkReport, SinkError> {
+        self.runtime.block_on(self.full_pass(desired))
+    }
+
+    fn apply_change(&self, prev: &Imports, next: &Imports) -> Result<SinkReport, SinkError> {
+        self.runtime.block_on(self.change_pass(prev, next))
+    }
+
+    fn seed(&self) -> Seed {
+        let mut out = Seed::new();
+        // Called on the runtime at startup: the list runs on its own
+        // thread so this one can block.
+        let (client, se) = (self.client.clone(), self.se.clone());
+        let listed = std::thread::scope(|s| {
+            s.spawn(|| {
+                self.runtime.block_on(async {
+                    let api: Api<DynamicObject> = Api::all_with(client, &se);
+                    let lp =
+                        ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+                    api.list(&lp).await
+                })
+            })
+            .join()
+        });
+        match listed {
+            Ok(Ok(list)) => {
+                for o in list.items {
+                    if let Ok(v) = serde_json::to_value(o) {
+                        read_back(&v, &mut out);
+                    }
+                }
+            }
+            Ok(Err(e)) => warn!(
+                error = %k8s::explain(&e, "list", "serviceentries.networking.istio.io"),
+                "cannot read back earlier imports; peers' services are rewritten as they arrive"
+            ),
+            Err(_) => warn!("reading back earlier imports panicked"),
+        }
+        out
+    }
+
+    fn target(&self) -> String {
+        format!("the Kubernetes API at {}", self.url)
+    }
+}

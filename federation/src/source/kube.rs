@@ -1,0 +1,263 @@
+//! The `kube` source: the cluster's Kubernetes API, one kube-rs watcher
+//! per kind (initial list, then watch with bookmarks; after a `410 Gone`
+//! the watcher relists that kind and the [`Store`](super::Store) swaps it
+//! whole; errors back off exponentially with jitter).
+//!
+//! While the API server is unreachable nothing changes: the last good
+//! state stays in force (stale, not empty) and [`SourceHealth`] says what
+//! fails. A kind whose CRD is not installed counts as listed and empty —
+//! there can be no such objects — so the other kinds keep working; it is
+//! looked for again every [`MISSING_RECHECK`]. Pods are watched for
+//! their metadata only (their labels are all the catalogue needs).
+//! ServiceExport is read at whichever of `v1beta1` / `v1alpha1` the
+//! server serves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use kube::api::{Api, DynamicObject};
+use kube::core::ApiResource;
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::Event;
+use crate::k8s;
+use crate::objects::{Kind, Object, ObjectKey, parse};
+
+/// How often a kind whose CRD is missing is looked for again.
+pub const MISSING_RECHECK: Duration = Duration::from_secs(15);
+
+/// How one kind's watch is doing, for `/config_dump` and `isthmus
+/// status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KindHealth {
+    /// `plural.group` as served.
+    pub resource: String,
+    /// `listing`, `synced`, `failing` (the last good state stays in
+    /// force), or `not installed`.
+    pub state: &'static str,
+    /// What failed, with what to check.
+    pub error: Option<String>,
+}
+
+/// Each kind's [`KindHealth`].
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth(Arc<Mutex<BTreeMap<Kind, KindHealth>>>);
+
+impl SourceHealth {
+    fn set(&self, kind: Kind, resource: &str, state: &'static str, error: Option<String>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            kind,
+            KindHealth {
+                resource: resource.to_owned(),
+                state,
+                error,
+            },
+        );
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<Kind, KindHealth> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Reads a cluster from its API server.
+#[derive(Clone)]
+pub struct KubeSource {
+    client: kube::Client,
+    health: SourceHealth,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource").finish_non_exhaustive()
+    }
+}
+
+type Events = BoxStream<'static, Result<WatchEvent<Value>, watcher::Error>>;
+
+impl KubeSource {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            health: SourceHealth::default(),
+        }
+    }
+
+    pub fn health(&self) -> SourceHealth {
+        self.health.clone()
+    }
+
+    /// Watches every kind until `tx` closes.
+    pub async fn run(self, tx: mpsc::Sender<Event>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for kind in Kind::ALL {
+            tasks.spawn(self.clone().watch_kind(kind, tx.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn stream(&self, kind: Kind, ar: &ApiResource) -> Events {
+        let cfg = watcher::Config::default();
+        let ar2 = ar.clone();
+        if kind == Kind::Pod {
+            let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(self.client.clone(), ar);
+            watcher::watcher(api, cfg)
+                .default_backoff()
+                .map_ok(move |e| to_values(e, &ar2))
+                .boxed()
+        } else {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+            watcher::watcher(api, cfg)
+                .default_backoff()
+                .map_ok(move |e| to_values(e, &ar2))
+                .boxed()
+        }
+    }
+
+    async fn watch_kind(self, kind: Kind, tx: mpsc::Sender<Event>) {
+        // Whether this kind has ever been published (listed, or found
+        // not installed): until then the store waits for it.
+        let mut published = false;
+        loop {
+            let version = match kind {
+                Kind::ServiceExport => k8s::mcs_version(&self.client).await,
+                _ => None,
+            };
+            let ar = k8s::api_resource(kind, version.as_deref());
+            let resource = k8s::qualified(&ar);
+            self.health.set(kind, &resource, "listing", None);
+            let mut events = self.stream(kind, &ar);
+            let mut last_error = String::new();
+            let missing = loop {
+                let Some(item) = events.next().await else {
+                    return;
+                };
+                let sent = match item {
+                    Ok(WatchEvent::Init) => tx.send(Event::Init(kind)).await,
+                    Ok(WatchEvent::InitApply(v)) => match object(kind, &v) {
+                        Some(o) => tx.send(Event::InitApply(o)).await,
+                        None => Ok(()),
+                    },
+                    Ok(WatchEvent::InitDone) => {
+                        if !last_error.is_empty() || !published {
+                            info!(%resource, "listed; watching");
+                        }
+                        last_error.clear();
+                        published = true;
+                        self.health.set(kind, &resource, "synced", None);
+                        tx.send(Event::InitDone(kind)).await
+                    }
+                    Ok(WatchEvent::Apply(v)) => match object(kind, &v) {
+                        Some(o) => tx.send(Event::Apply(o)).await,
+                        None => Ok(()),
+                    },
+                    Ok(WatchEvent::Delete(v)) => match key(kind, &v) {
+                        Some(k) => tx.send(Event::Delete(k)).await,
+                        None => Ok(()),
+                    },
+                    Err(e) => {
+                        let (verb, err) = match &e {
+                            watcher::Error::InitialListFailed(e) => ("list", Some(e)),
+                            watcher::Error::WatchStartFailed(e)
+                            | watcher::Error::WatchFailed(e) => ("watch", Some(e)),
+                            _ => ("watch", None),
+                        };
+                        if err.and_then(k8s::status_code) == Some(404) {
+                            break true;
+                        }
+                        let message = match err {
+                            Some(err) => k8s::explain(err, verb, &resource),
+                            None => format!("watch {resource}: {e}"),
+                        };
+                        if message != last_error {
+                            warn!(%resource, error = %message, "the last good state stays in force");
+                            last_error = message.clone();
+                        }
+                        self.health.set(kind, &resource, "failing", Some(message));
+                        Ok(())
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            };
+            if missing {
+                let message = format!(
+                    "{resource} is not served by the API server: {}; until then this cluster has none",
+                    k8s::install_hint(kind)
+                );
+                if self
+                    .health
+                    .snapshot()
+                    .get(&kind)
+                    .is_none_or(|h| h.state != "not installed")
+                {
+                    error!(%resource, error = %message, "kind not installed");
+                }
+                self.health
+                    .set(kind, &resource, "not installed", Some(message));
+                // There can be none: an empty list, so the other kinds
+                // are published.
+                if tx.send(Event::Init(kind)).await.is_err()
+                    || tx.send(Event::InitDone(kind)).await.is_err()
+                {
+                    return;
+                }
+                published = true;
+                let jitter = Duration::from_millis(rand::random::<u64>() % 2000);
+                tokio::time::sleep(MISSING_RECHECK + jitter).await;
+            }
+        }
+    }
+}
+
+fn to_values<K: serde::Serialize>(e: WatchEvent<K>, ar: &ApiResource) -> WatchEvent<Value> {
+    let v = |k: K| {
+        let mut v = serde_json::to_value(k).unwrap_or(Value::Null);
+        // List items of built-in kinds come without apiVersion and kind,
+        // and metadata-only objects as PartialObjectMetadata.
+        v["apiVersion"] = Value::String(ar.api_version.clone());
+        v["kind"] = Value::String(ar.kind.clone());
+        v
+    };
+    match e {
+        WatchEvent::Apply(k) => WatchEvent::Apply(v(k)),
+        WatchEvent::Delete(k) => WatchEvent::Delete(v(k)),
+        WatchEvent::Init => WatchEvent::Init,
+        WatchEvent::InitApply(k) => WatchEvent::InitApply(v(k)),
+        WatchEvent::InitDone => WatchEvent::InitDone,
+    }
+}
+
+/// The parsed object; one that does not parse is reported and left out
+/// (a change to it leaves its previous version in force).
+fn object(kind: Kind, v: &Value) -> Option<Arc<Object>> {
+    match parse(v) {
+        Ok(Some(o)) => Some(Arc::new(o)),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(kind = ?kind, error = %e, "object ignored until fixed; its previous version stays in force");
+            None
+        }
+    }
+}
+
+fn key(kind: Kind, v: &Value) -> Option<ObjectKey> {
+    let meta = v.get("metadata")?;
+    Some(ObjectKey {
+        kind,
+        namespace: if kind.namespaced() {
+            meta.get("namespace")?.as_str()?.to_owned()
+        } else {
+            String::new()
+        },
+        name: meta.get("name")?.as_str()?.to_owned(),
+    })
+}

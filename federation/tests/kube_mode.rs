@@ -1,0 +1,459 @@
+//! Controllers in kube mode (`source: {kube: ...}`) against the in-repo
+//! API stand-in on loopback, driven with stock `kubectl`: the kube
+//! source's watches, the ServiceEntry sink by server-side apply, MCS
+//! ServiceExport status, and the API server's faults (outage,
+//! compaction, RBAC, a CRD not installed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use isthmus_core::model::ServiceKey;
+use isthmus_core::testing::assert_eventually;
+use isthmus_federation::app::Bound;
+use isthmus_federation::catalog::ExportPolicy;
+use isthmus_federation::config::{ControllerConfig, KubeSource, SourceConfig};
+use isthmus_federation::testing::TestCluster;
+use isthmus_kube_standin::ApiServer;
+use serde_json::{Value, json};
+
+const HB: Duration = Duration::from_millis(100);
+const LEASE: Duration = Duration::from_secs(300);
+const WAIT: Duration = Duration::from_secs(15);
+
+const SE: &str = "serviceentries.networking.istio.io";
+const SVCEX: &str = "serviceexports.multicluster.x-k8s.io";
+
+/// One cluster: its API stand-in, a kubeconfig for it, its controller's
+/// identity.
+struct Kube {
+    api: ApiServer,
+    kubeconfig: PathBuf,
+    cluster: TestCluster,
+}
+
+impl Kube {
+    async fn new(root: &Path, name: &str, region: &str, api: ApiServer) -> Self {
+        let cluster = TestCluster::new(root, name, region);
+        let kubeconfig = root.join(format!("{name}.kubeconfig"));
+        api.write_kubeconfig(&kubeconfig, name).unwrap();
+        Self {
+            api,
+            kubeconfig,
+            cluster,
+        }
+    }
+
+    fn config(&self, peers: &[&Kube]) -> ControllerConfig {
+        let peers: Vec<(&TestCluster, ExportPolicy)> = peers
+            .iter()
+            .map(|p| (&p.cluster, ExportPolicy::default()))
+            .collect();
+        let mut c = self.cluster.config(&peers, HB, LEASE);
+        c.source = SourceConfig::Kube(KubeSource {
+            kubeconfig: Some(self.kubeconfig.clone()),
+            context: None,
+        });
+        c
+    }
+
+    async fn start(&self, peers: &[&Kube]) -> Bound {
+        let bundles: Vec<_> = peers.iter().map(|p| p.cluster.bundle()).collect();
+        self.cluster.start(self.config(peers), &bundles).await
+    }
+
+    /// Runs stock kubectl against this cluster's API; its stdout.
+    async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        let stdin = stdin.map(str::to_owned);
+        let out = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            cmd.stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut child = cmd.spawn().expect("kubectl is installed");
+            if let Some(s) = stdin {
+                child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            }
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply --server-side` of a manifest.
+    async fn apply(&self, yaml: &str) {
+        self.kubectl(&["apply", "--server-side", "-f", "-"], Some(yaml))
+            .await;
+    }
+}
+
+/// A Service with `pods` ready endpoints whose Pods carry `version`, a
+/// Node with its topology labels, and (optionally) the ServiceExport:
+/// objects a real API server accepts (loopback addresses aside).
+fn workload(name: &str, port: u16, pods: usize, version: &str, exported: bool) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n  labels: {{topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: r1-a}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: sample}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: {port}, targetPort: 8080}}]\n---\n"
+    );
+    let mut endpoints = String::new();
+    for i in 0..pods {
+        y.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}-{i}\n  namespace: sample\n  labels: {{app: {name}, version: {version}, pod-template-hash: h{i}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: app, image: sample}}]\n---\n"
+        ));
+        endpoints.push_str(&format!(
+            "- addresses: [\"127.0.0.{}\"]\n  conditions: {{ready: true}}\n  nodeName: node-1\n  targetRef: {{kind: Pod, namespace: sample, name: {name}-{i}}}\n",
+            10 + i
+        ));
+    }
+    y.push_str(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abc\n  namespace: sample\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+    ));
+    if exported {
+        y.push_str(&format!(
+            "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: sample}}\n"
+        ));
+    }
+    y
+}
+
+/// A ServiceExport's condition `type`: (status, reason).
+fn condition(api: &ApiServer, name: &str, type_: &str) -> Option<(String, String)> {
+    let o = api.get(SVCEX, "sample", name)?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)?
+        .clone();
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+    ))
+}
+
+fn pair(a: &str, b: &str) -> Option<(String, String)> {
+    Some((a.to_owned(), b.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_exported_with_kubectl_in_one_cluster_is_a_service_entry_in_the_other() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let west = Kube::new(
+        root.path(),
+        "west",
+        "us-west1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    west.apply(&workload("web", 80, 2, "v2", true)).await;
+    let _e = east.start(&[&west]).await;
+    let w = west.start(&[&east]).await;
+
+    // West's export: its status says so, as MCS defines it.
+    assert_eventually(
+        "west's ServiceExport is Valid and Ready",
+        WAIT,
+        async || {
+            condition(&west.api, "web", "Valid") == pair("True", "Valid")
+                && condition(&west.api, "web", "Ready") == pair("True", "Exported")
+                && condition(&west.api, "web", "Conflict") == pair("False", "NoConflict")
+        },
+    )
+    .await;
+    // Endpoint labels come from the Pods (EndpointSlices carry none), per
+    // pod labels left out; the locality from the Node.
+    let cat = w.shared.catalog.borrow().clone();
+    let export = &cat.exports[&ServiceKey::new("sample", "web")];
+    assert_eq!(export.groups.len(), 1, "{:?}", export.groups);
+    let g = &export.groups[0];
+    assert_eq!(
+        g.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>(),
+        ["app=web", "version=v2"]
+    );
+    assert_eq!((g.healthy, g.total), (2, 2));
+    assert_eq!(g.locality.zone, "r1-a");
+
+    // East: a ServiceEntry, written by server-side apply as `isthmus`,
+    // that stock kubectl lists.
+    assert_eventually("east has the ServiceEntry", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").is_some()
+    })
+    .await;
+    let listed = east
+        .kubectl(&["get", "serviceentries", "-A", "-o", "name"], None)
+        .await;
+    assert!(
+        listed.contains("serviceentry.networking.istio.io/web-clusterset"),
+        "{listed}"
+    );
+    let se = east.api.get(SE, "sample", "web-clusterset").unwrap();
+    assert_eq!(
+        se["spec"]["hosts"],
+        json!(["web.sample.svc.clusterset.local"])
+    );
+    assert_eq!(
+        se["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "isthmus"
+    );
+    let managers: Vec<&str> = se["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert_eq!(managers, ["isthmus"]);
+    assert_eq!(
+        se["spec"]["endpoints"][0]["labels"]["topology.istio.io/cluster"],
+        "west"
+    );
+
+    // Idle: no writes at all, on either side.
+    let (se_writes, status_writes) = (east.api.writes(SE), west.api.writes(SVCEX));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(east.api.writes(SE), se_writes, "writes while idle");
+    assert_eq!(
+        west.api.writes(SVCEX),
+        status_writes,
+        "status writes while idle"
+    );
+
+    // A third pod: one write, to that ServiceEntry.
+    west.apply(
+        &workload("web", 80, 3, "v2", true)
+            .split("---\n")
+            .filter(|d| !d.contains("kind: Node"))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    )
+    .await;
+    assert_eventually("east's weight follows west's pods", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").unwrap()["spec"]["endpoints"][0]["weight"] == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(east.api.writes(SE), se_writes + 1, "one write per change");
+
+    // Unexport with kubectl: the ServiceEntry goes.
+    west.kubectl(&["delete", "serviceexport", "web", "-n", "sample"], None)
+        .await;
+    assert_eventually("east's ServiceEntry is deleted", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_status_names_what_is_wrong() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    east.apply(
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ghost, namespace: sample}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: sample}\nspec: {type: ExternalName, externalName: db.example.com}\n---\n\
+         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: db, namespace: sample}\n",
+    )
+    .await;
+    let _e = east.start(&[]).await;
+    assert_eventually("NoService and InvalidServiceType", WAIT, async || {
+        condition(&east.api, "ghost", "Valid") == pair("False", "NoService")
+            && condition(&east.api, "db", "Valid") == pair("False", "InvalidServiceType")
+            && condition(&east.api, "ghost", "Ready") == pair("False", "Pending")
+    })
+    .await;
+    let yaml = east
+        .kubectl(
+            &[
+                "get",
+                "serviceexport",
+                "ghost",
+                "-n",
+                "sample",
+                "-o",
+                "yaml",
+            ],
+            None,
+        )
+        .await;
+    assert!(yaml.contains("no Service sample/ghost"), "{yaml}");
+    // The Service appears: the export becomes valid.
+    east.apply(&workload("ghost", 80, 1, "v1", false)).await;
+    assert_eventually("the export becomes valid", WAIT, async || {
+        condition(&east.api, "ghost", "Valid") == pair("True", "Valid")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_entry_owned_by_another_manager_is_reported_not_forced() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let west = Kube::new(
+        root.path(),
+        "west",
+        "us-west1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    west.apply(&workload("web", 80, 1, "v1", true)).await;
+    west.apply(&workload("api", 81, 1, "v1", true)).await;
+    // Someone else's ServiceEntry, with Isthmus's name and other hosts.
+    east.kubectl(
+        &["apply", "--server-side", "--field-manager=platform-team", "-f", "-"],
+        Some("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: web-clusterset, namespace: sample}\nspec: {hosts: [web.legacy.example], resolution: DNS}\n"),
+    )
+    .await;
+    let _e = east.start(&[&west]).await;
+    let _w = west.start(&[&east]).await;
+    assert_eventually("the other import is written", WAIT, async || {
+        east.api.get(SE, "sample", "api-clusterset").is_some()
+    })
+    .await;
+    let se = east.api.get(SE, "sample", "web-clusterset").unwrap();
+    assert_eq!(
+        se["spec"]["hosts"],
+        json!(["web.legacy.example"]),
+        "forced: {se}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_outage_keeps_the_last_state_and_a_relist_collects_what_was_missed() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let west = Kube::new(
+        root.path(),
+        "west",
+        "us-west1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    west.apply(&workload("web", 80, 1, "v1", true)).await;
+    west.apply(&workload("api", 81, 1, "v1", true)).await;
+    let _e = east.start(&[&west]).await;
+    let w = west.start(&[&east]).await;
+    assert_eventually("east imports both", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").is_some()
+            && east.api.get(SE, "sample", "api-clusterset").is_some()
+    })
+    .await;
+
+    // West's API server goes down: west keeps exporting what it had.
+    west.api.stop();
+    assert_eventually("west's source reports the outage", WAIT, async || {
+        source_state(&w, "Service").await.0 == "failing"
+    })
+    .await;
+    let (_, error) = source_state(&w, "Service").await;
+    assert!(error.contains("cannot reach the API server"), "{error}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        w.shared.catalog.borrow().exports.len(),
+        2,
+        "stale, not empty"
+    );
+    assert!(east.api.get(SE, "sample", "web-clusterset").is_some());
+
+    // Meanwhile "api" is unexported and history is compacted: west must
+    // relist (410 Gone) and find it gone.
+    assert!(west.api.remove(SVCEX, "sample", "api"));
+    west.api.compact();
+    west.api.resume().await.unwrap();
+    assert_eventually("east drops the unexported service", WAIT, async || {
+        east.api.get(SE, "sample", "api-clusterset").is_none()
+    })
+    .await;
+    assert!(east.api.get(SE, "sample", "web-clusterset").is_some());
+    assert_eventually("west's source is synced again", WAIT, async || {
+        source_state(&w, "Service").await.0 == "synced"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_crd_and_a_forbidden_kind_are_explained_and_the_rest_works() {
+    let root = tempfile::tempdir().unwrap();
+    // No Istio security CRDs here; RBAC forbids listing Nodes.
+    let api = ApiServer::builder()
+        .without("peerauthentications.security.istio.io")
+        .start()
+        .await
+        .unwrap();
+    api.deny("list", "nodes");
+    let east = Kube::new(root.path(), "east", "us-east1", api).await;
+    east.apply(&workload("web", 80, 1, "v1", true)).await;
+    let e = east.start(&[]).await;
+    assert_eventually("both problems are reported", WAIT, async || {
+        source_state(&e, "PeerAuthentication").await.0 == "not installed"
+            && source_state(&e, "Node").await.0 == "failing"
+    })
+    .await;
+    let (_, missing) = source_state(&e, "PeerAuthentication").await;
+    assert!(missing.contains("install Istio's CRDs"), "{missing}");
+    let (_, forbidden) = source_state(&e, "Node").await;
+    assert!(
+        forbidden.contains("list nodes forbidden") && forbidden.contains("isthmus-controller"),
+        "{forbidden}"
+    );
+    // Nodes never listed: nothing is published yet (a half-read cluster
+    // would misplace every endpoint).
+    assert!(!e.shared.catalog.borrow().listed);
+    // RBAC fixed: the watcher's backoff retries and the cluster appears,
+    // the missing CRD still counting as "none".
+    east.api.allow_all();
+    assert_eventually(
+        "the export is published",
+        Duration::from_secs(40),
+        async || e.shared.catalog.borrow().exports.len() == 1,
+    )
+    .await;
+}
+
+/// The controller's source state for a kind, from its `/config_dump`:
+/// (state, error).
+async fn source_state(b: &Bound, kind: &str) -> (String, String) {
+    let dump: Value = serde_json::from_str(
+        &isthmus_core::admin::http_get(b.admin_addr, "/config_dump")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let k = &dump["source"][kind];
+    (
+        k["state"].as_str().unwrap_or("").to_owned(),
+        k["error"].as_str().unwrap_or("").to_owned(),
+    )
+}
