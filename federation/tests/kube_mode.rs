@@ -372,7 +372,7 @@ async fn an_api_outage_keeps_the_last_state_and_a_relist_collects_what_was_misse
     .await;
 
     // West's API server goes down: west keeps exporting what it had.
-    west.api.stop();
+    west.api.stop().await;
     assert_eventually("west's source reports the outage", WAIT, async || {
         source_state(&w, "Service").await.0 == "failing"
     })

@@ -346,10 +346,10 @@ async fn conflicting_exports_are_reported_and_the_oldest_wins() {
         )
         .await;
     assert_eventually("conflict reported", WAIT, async || {
-        !e.shared.conflicts.lock().unwrap().is_empty()
+        !e.shared.conflicts.borrow().is_empty()
     })
     .await;
-    let c = e.shared.conflicts.lock().unwrap()[0].clone();
+    let c = e.shared.conflicts.borrow()[0].clone();
     assert_eq!((c.winner.as_str(), c.excluded.as_str()), ("west", "eu"));
     let se = east.service_entry("sample", "helloworld").unwrap();
     assert_eq!(se["spec"]["ports"][0]["number"], 5000);

@@ -195,14 +195,17 @@ impl ApiServer {
 
     /// Stops serving: the listener closes and every connection (watches
     /// included) is cut, as when the API server goes down. Objects stay.
-    pub fn stop(&self) {
-        if let Some(h) = self
+    pub async fn stop(&self) {
+        let serving = self
             .serving
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(h) = serving {
             h.abort();
+            // Once it is gone, so are its connections: none serves another
+            // request.
+            let _ = h.await;
         }
         self.inner.lock().cut_watches();
     }
