@@ -134,6 +134,24 @@ impl ConfigDump for SourceDump {
     }
 }
 
+struct LeaderDump {
+    identity: String,
+    lease: String,
+    writer: watch::Receiver<bool>,
+}
+impl ConfigDump for LeaderDump {
+    fn name(&self) -> &str {
+        "leader"
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "identity": self.identity,
+            "lease": self.lease,
+            "writes": *self.writer.borrow(),
+        })
+    }
+}
+
 struct MeshDump(watch::Receiver<Arc<MeshState>>);
 impl ConfigDump for MeshDump {
     fn name(&self) -> &str {
@@ -280,6 +298,8 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         shutdown: drain.signal(),
         metrics,
         conflicts: watch::channel(Arc::new(Vec::new())).0,
+        // Kube mode elects its writer; a files cluster has one controller.
+        writer: watch::channel(kube_client.is_none()).0,
     });
 
     // Federation server: peers' controllers get in with mTLS; anonymous
@@ -315,15 +335,35 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
 
     // Peers from the config and from earlier links, seeded from the
     // ServiceEntries a previous run wrote.
+    let mut leader_dump = None;
     let sink: Arc<dyn Sink> = match (&config.source, &kube_client) {
         (SourceConfig::Files { dir }, _) => Arc::new(FilesSink::new(dir, gateway)),
-        (SourceConfig::Kube(_), Some((client, url))) => {
+        (SourceConfig::Kube(k), Some((client, url))) => {
+            let identity = crate::leader::identity();
+            leader_dump = Some(LeaderDump {
+                identity: identity.clone(),
+                lease: format!("{}/{}", k.leader_election.namespace, k.leader_election.name),
+                writer: shared.writer.subscribe(),
+            });
+            tokio::spawn(
+                drain
+                    .clone()
+                    .release_after(crate::leader::run(
+                        client.clone(),
+                        k.leader_election.clone(),
+                        identity.clone(),
+                        shared.writer.clone(),
+                        shared.shutdown.clone(),
+                    ))
+                    .instrument(info_span!("leader", %identity)),
+            );
             tokio::spawn(
                 crate::sink::export_status::run(
                     client.clone(),
                     shared.cluster.clone(),
                     shared.catalog.clone(),
                     shared.conflicts.subscribe(),
+                    shared.writer.subscribe(),
                     shared.shutdown.clone(),
                 )
                 .instrument(info_span!("export_status")),
@@ -333,6 +373,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                 url.clone(),
                 tokio::runtime::Handle::current(),
                 gateway,
+                shared.writer.subscribe(),
             ))
         }
         (SourceConfig::Kube(_), None) => unreachable!("a kube source has a client"),
@@ -450,6 +491,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         ]
         .into_iter()
         .chain(source_health.map(|h| Arc::new(SourceDump(h)) as Arc<dyn ConfigDump>))
+        .chain(leader_dump.map(|d| Arc::new(d) as Arc<dyn ConfigDump>))
         .collect(),
         deps.logs,
         registry,

@@ -64,6 +64,9 @@ pub struct KubeSource {
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context (default: its current context).
     pub context: Option<String>,
+    /// The Lease that elects the one replica that writes
+    /// (`leaderElection: {namespace, name, leaseDuration}`).
+    pub leader_election: crate::leader::LeaseConfig,
 }
 
 /// The controller's whole configuration.
@@ -111,9 +114,18 @@ impl FromConfig for ControllerConfig {
         let files: Option<PathBuf> = src.optional("files");
         let kube = src.has("kube").then(|| {
             let k = src.object("kube");
+            let le = k.object("leaderElection");
+            let defaults = crate::leader::LeaseConfig::default();
+            let leader_election = crate::leader::LeaseConfig {
+                namespace: le.or("namespace", defaults.namespace),
+                name: le.or("name", defaults.name),
+                lease_duration: le.or("leaseDuration", defaults.lease_duration),
+            };
+            le.finish();
             let out = KubeSource {
                 kubeconfig: k.optional("kubeconfig"),
                 context: k.optional("context"),
+                leader_election,
             };
             k.finish();
             out

@@ -16,6 +16,7 @@ pub mod dial;
 pub mod export;
 pub mod import;
 pub mod k8s;
+pub mod leader;
 pub mod link;
 pub mod metrics;
 pub mod objects;

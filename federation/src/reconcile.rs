@@ -406,10 +406,22 @@ async fn sink_loop(
             return;
         }
     };
+    let mut leader = shared.writer.subscribe();
     loop {
         tokio::select! {
             r = input.changed() => if r.is_err() { return },
+            r = leader.changed() => {
+                if r.is_err() { return }
+                // Leadership changed hands: the next pass (if this
+                // replica writes) compares everything with the cluster.
+                written = None;
+                input.mark_changed();
+                continue;
+            }
             _ = shared.shutdown.signaled() => return,
+        }
+        if !*leader.borrow_and_update() {
+            continue;
         }
         let Some((since, services)) = input.borrow_and_update().clone() else {
             continue;

@@ -48,6 +48,9 @@ pub struct Shared {
     /// Export conflicts from the last merge (the kube sink reflects the
     /// ones involving this cluster in its ServiceExports' status).
     pub conflicts: watch::Sender<Arc<Vec<Conflict>>>,
+    /// Whether this replica may write to the cluster: always in files
+    /// mode; in kube mode while it holds the leader Lease.
+    pub writer: watch::Sender<bool>,
 }
 
 /// Builds the client TLS config for dialing a peer controller.

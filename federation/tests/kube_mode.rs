@@ -13,6 +13,7 @@ use isthmus_core::testing::assert_eventually;
 use isthmus_federation::app::Bound;
 use isthmus_federation::catalog::ExportPolicy;
 use isthmus_federation::config::{ControllerConfig, KubeSource, SourceConfig};
+use isthmus_federation::leader::LeaseConfig;
 use isthmus_federation::testing::TestCluster;
 use isthmus_kube_standin::ApiServer;
 use serde_json::{Value, json};
@@ -53,6 +54,11 @@ impl Kube {
         c.source = SourceConfig::Kube(KubeSource {
             kubeconfig: Some(self.kubeconfig.clone()),
             context: None,
+            leader_election: LeaseConfig {
+                namespace: "isthmus-system".into(),
+                name: "isthmus-controller".into(),
+                lease_duration: Duration::from_secs(2),
+            },
         });
         c
     }
@@ -456,4 +462,75 @@ async fn source_state(b: &Bound, kind: &str) -> (String, String) {
         k["state"].as_str().unwrap_or("").to_owned(),
         k["error"].as_str().unwrap_or("").to_owned(),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_writes_and_a_handover_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let api = ApiServer::start().await.unwrap();
+    let a = Kube::new(&root.path().join("a"), "east", "us-east1", api).await;
+    // A second replica of the same cluster, on the same API server.
+    let b_cluster = TestCluster::new(&root.path().join("b"), "east", "us-east1");
+    a.apply(&workload("web", 80, 1, "v1", true)).await;
+    let ra = a.start(&[]).await;
+    assert_eventually("replica a leads", WAIT, async || {
+        lease_holder(&a.api).is_some()
+    })
+    .await;
+    let mut b_config = a.config(&[]);
+    b_config.federation_addr = b_cluster.federation;
+    b_config.state_dir = root.path().join("b/state");
+    let rb = b_cluster.start(b_config, &[]).await;
+    assert_eventually("web's status is written", WAIT, async || {
+        condition(&a.api, "web", "Valid") == pair("True", "Valid")
+    })
+    .await;
+    let first = lease_holder(&a.api).unwrap();
+    assert!(*ra.shared.writer.borrow() && !*rb.shared.writer.borrow());
+
+    // A change both replicas see: one status write, by the leader.
+    let before = a.api.writes(SVCEX);
+    a.apply("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: api, namespace: sample}\n")
+        .await;
+    assert_eventually("api's status is written", WAIT, async || {
+        condition(&a.api, "api", "Valid") == pair("False", "NoService")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The apply itself, and one status write.
+    assert_eq!(a.api.writes(SVCEX), before + 2);
+
+    // The leader stops: it releases the Lease and b takes over.
+    ra.shutdown(Duration::from_secs(5)).await;
+    assert_eventually("replica b leads", WAIT, async || {
+        lease_holder(&a.api).is_some_and(|h| h != first) && *rb.shared.writer.borrow()
+    })
+    .await;
+    let lease = a
+        .api
+        .get(
+            "leases.coordination.k8s.io",
+            "isthmus-system",
+            "isthmus-controller",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
+    a.apply("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: db, namespace: sample}\n")
+        .await;
+    assert_eventually("the new leader writes db's status", WAIT, async || {
+        condition(&a.api, "db", "Valid") == pair("False", "NoService")
+    })
+    .await;
+}
+
+/// Who holds the leader Lease, if anyone.
+fn lease_holder(api: &ApiServer) -> Option<String> {
+    api.get(
+        "leases.coordination.k8s.io",
+        "isthmus-system",
+        "isthmus-controller",
+    )?["spec"]["holderIdentity"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
 }

@@ -119,6 +119,7 @@ pub async fn run(
     cluster: String,
     mut catalog: watch::Receiver<Arc<Catalog>>,
     mut conflicts: watch::Receiver<Arc<Vec<Conflict>>>,
+    mut leader: watch::Receiver<bool>,
     shutdown: DrainSignal,
 ) {
     // What was written, with what the object showed then: not written
@@ -131,7 +132,7 @@ pub async fn run(
         let cat = catalog.borrow_and_update().clone();
         let conf = conflicts.borrow_and_update().clone();
         let mut failed = false;
-        if cat.listed {
+        if cat.listed && *leader.borrow_and_update() {
             written.retain(|k, _| cat.export_states.contains_key(k));
             for (key, state) in &cat.export_states {
                 let want = desired(key, state, &conf, &cluster);
@@ -141,6 +142,10 @@ pub async fn run(
                         .is_some_and(|(w, seen)| same(w, &want) && seen == &state.observed)
                 {
                     continue;
+                }
+                // A lost Lease stops writes at once.
+                if !*leader.borrow() {
+                    break;
                 }
                 let ar = match &resource {
                     Some(ar) => ar,
@@ -207,6 +212,12 @@ pub async fn run(
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
             r = conflicts.changed() => if r.is_err() { return },
+            r = leader.changed() => {
+                if r.is_err() { return }
+                // A new term: what the object shows decides, not what a
+                // previous term wrote.
+                written.clear();
+            }
             _ = tokio::time::sleep(RETRY), if failed => {}
             _ = shutdown.signaled() => return,
         }

@@ -48,6 +48,9 @@ pub struct KubeSink {
     /// Objects refused with a conflict or a missing namespace, reported
     /// once until they go through.
     refused: Mutex<BTreeSet<(String, String)>>,
+    /// Whether this replica holds the leader Lease: checked before every
+    /// write, so a lost Lease stops a pass at once.
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for KubeSink {
@@ -97,8 +100,10 @@ impl KubeSink {
         url: String,
         runtime: tokio::runtime::Handle,
         gateway: SocketAddr,
+        leader: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
+            leader,
             client,
             url,
             runtime,
@@ -129,6 +134,19 @@ impl KubeSink {
                 Some((name_of(&v), v))
             })
             .collect())
+    }
+
+    /// Fails unless this replica may write.
+    fn may_write(&self) -> Result<(), SinkError> {
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            Err(SinkError {
+                target: self.target(),
+                hint: "another replica holds the leader Lease and writes",
+                source: "this replica lost the leader Lease; writes stopped".into(),
+            })
+        }
     }
 
     async fn put(&self, se: &Value) -> Result<Put, kube::Error> {
@@ -209,11 +227,13 @@ impl KubeSink {
                     .insert(id, se);
                 continue;
             }
+            self.may_write()?;
             self.write(se, &mut report)
                 .await
                 .map_err(|e| self.error("patch", e))?;
         }
         for (ns, name) in live.keys().filter(|k| !wanted.contains(*k)) {
+            self.may_write()?;
             if self
                 .remove(ns, name)
                 .await
@@ -246,6 +266,7 @@ impl KubeSink {
                 report.unchanged += 1;
                 continue;
             }
+            self.may_write()?;
             self.write(se, &mut report)
                 .await
                 .map_err(|e| self.error("patch", e))?;
@@ -256,6 +277,7 @@ impl KubeSink {
             .filter(|k| !next.services.contains_key(*k))
         {
             let name = service_entry_name(k);
+            self.may_write()?;
             if self
                 .remove(&k.namespace, &name)
                 .await
