@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 const SE: &str = "serviceentries.networking.istio.io";
 const SVCEX: &str = "serviceexports.multicluster.x-k8s.io";
+const SVCIM: &str = "serviceimports.multicluster.x-k8s.io";
 
 /// One cluster: its API stand-in, a kubeconfig for it, its controller's
 /// identity.
@@ -230,10 +231,29 @@ async fn a_service_exported_with_kubectl_in_one_cluster_is_a_service_entry_in_th
         "west"
     );
 
+    // And the MCS ServiceImport, for tools that read MCS.
+    assert_eventually("east has the ServiceImport", WAIT, async || {
+        east.api
+            .get(SVCIM, "sample", "web")
+            .is_some_and(|si| si["status"]["clusters"] == json!([{"cluster": "west"}]))
+    })
+    .await;
+    let si = east.api.get(SVCIM, "sample", "web").unwrap();
+    assert_eq!(si["spec"]["type"], "ClusterSetIP");
+    assert_eq!(
+        si["spec"]["ports"],
+        json!([{"name": "http", "port": 80, "protocol": "TCP"}])
+    );
+
     // Idle: no writes at all, on either side.
-    let (se_writes, status_writes) = (east.api.writes(SE), west.api.writes(SVCEX));
+    let (se_writes, si_writes, status_writes) = (
+        east.api.writes(SE),
+        east.api.writes(SVCIM),
+        west.api.writes(SVCEX),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(east.api.writes(SE), se_writes, "writes while idle");
+    assert_eq!(east.api.writes(SVCIM), si_writes, "writes while idle");
     assert_eq!(
         west.api.writes(SVCEX),
         status_writes,
@@ -255,13 +275,23 @@ async fn a_service_exported_with_kubectl_in_one_cluster_is_a_service_entry_in_th
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(east.api.writes(SE), se_writes + 1, "one write per change");
+    assert_eq!(
+        east.api.writes(SVCIM),
+        si_writes,
+        "the ServiceImport did not change"
+    );
 
     // Unexport with kubectl: the ServiceEntry goes.
     west.kubectl(&["delete", "serviceexport", "web", "-n", "sample"], None)
         .await;
-    assert_eventually("east's ServiceEntry is deleted", WAIT, async || {
-        east.api.get(SE, "sample", "web-clusterset").is_none()
-    })
+    assert_eventually(
+        "east's ServiceEntry and ServiceImport are deleted",
+        WAIT,
+        async || {
+            east.api.get(SE, "sample", "web-clusterset").is_none()
+                && east.api.get(SVCIM, "sample", "web").is_none()
+        },
+    )
     .await;
 }
 

@@ -16,6 +16,12 @@
 //!   imports are written.
 //! - A namespace that does not exist here is reported; the import waits
 //!   for it.
+//! - Where the cluster serves the Multi-Cluster Services API, each import
+//!   is also an MCS `ServiceImport` (same name and namespace as the
+//!   service; `spec.type: ClusterSetIP`, its ports; `status.clusters`,
+//!   the exporting clusters), for tools that read MCS. Its spec changes
+//!   only with the ports and its status only with the set of clusters, so
+//!   an endpoint moving writes the ServiceEntry alone.
 //!
 //! The reconciler calls sinks from a dedicated thread; this one runs its
 //! requests on the controller's runtime through a handle.
@@ -29,7 +35,9 @@ use kube::core::ApiResource;
 use serde_json::Value;
 use tracing::warn;
 
-use super::service_entry::{MANAGED_BY, Seed, read_back, service_entry, service_entry_name};
+use super::service_entry::{
+    MANAGED_BY, Seed, read_back, service_entry, service_entry_name, service_import,
+};
 use super::{Sink, SinkError, SinkReport};
 use crate::import::Imports;
 use crate::k8s::{self, FIELD_MANAGER};
@@ -51,6 +59,12 @@ pub struct KubeSink {
     /// Whether this replica holds the leader Lease: checked before every
     /// write, so a lost Lease stops a pass at once.
     leader: tokio::sync::watch::Receiver<bool>,
+    /// ServiceImport at the served MCS version; `None` inside when the
+    /// cluster has no MCS CRDs (no ServiceImports then). Looked up again
+    /// on every full pass.
+    mcs: Mutex<Option<Option<ApiResource>>>,
+    /// ServiceImports last written: (object, status) by (namespace, name).
+    si_written: Mutex<BTreeMap<(String, String), (Value, Value)>>,
 }
 
 impl std::fmt::Debug for KubeSink {
@@ -111,14 +125,182 @@ impl KubeSink {
             se: se_resource(),
             written: Mutex::default(),
             refused: Mutex::default(),
+            mcs: Mutex::default(),
+            si_written: Mutex::default(),
         }
     }
 
+    /// The ServiceImport resource, if the cluster serves MCS.
+    async fn service_imports(&self, refresh: bool) -> Option<ApiResource> {
+        if !refresh && let Some(known) = self.mcs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        {
+            return known;
+        }
+        let found = k8s::mcs_version(&self.client).await.map(|v| {
+            ApiResource::from_gvk_with_plural(
+                &kube::core::GroupVersionKind::gvk("multicluster.x-k8s.io", &v, "ServiceImport"),
+                "serviceimports",
+            )
+        });
+        let mut known = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
+        if found.is_none() && known.as_ref().is_none_or(Option::is_some) {
+            warn!(
+                "the cluster serves no Multi-Cluster Services API (serviceimports.multicluster.x-k8s.io): imports are ServiceEntries only; install the MCS CRDs for ServiceImports"
+            );
+        }
+        *known = Some(found.clone());
+        found
+    }
+
+    /// Makes the ServiceImport of `svc` hold `want` (object, status).
+    async fn put_import(
+        &self,
+        ar: &ApiResource,
+        want: &(Value, Value),
+        live: Option<&Value>,
+        report: &mut SinkReport,
+    ) -> Result<(), SinkError> {
+        let (ns, name) = name_of(&want.0);
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, ar);
+        let pp = PatchParams::apply(FIELD_MANAGER);
+        let err = |e| self.error_on("patch", "serviceimports.multicluster.x-k8s.io", e);
+        if !live.is_some_and(|l| holds(l, &want.0)) {
+            self.may_write()?;
+            match api.patch(&name, &pp, &Patch::Apply(&want.0)).await {
+                Ok(_) => report.written.push(format!("ServiceImport {ns}/{name}")),
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                    warn!(service_import = %format!("{ns}/{name}"), error = %s.message, "ServiceImport not written (Isthmus does not force)");
+                    return Ok(());
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        if !live.is_some_and(|l| l["status"] == want.1["status"]) {
+            self.may_write()?;
+            match api.patch_status(&name, &pp, &Patch::Apply(&want.1)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    warn!(service_import = %format!("{ns}/{name}"), error = %s.message, "ServiceImport status not written (Isthmus does not force)");
+                    return Ok(());
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        self.si_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ns, name), want.clone());
+        Ok(())
+    }
+
+    async fn imports_full_pass(
+        &self,
+        desired: &Imports,
+        report: &mut SinkReport,
+    ) -> Result<(), SinkError> {
+        let Some(ar) = self.service_imports(true).await else {
+            return Ok(());
+        };
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let lp = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let live: BTreeMap<(String, String), Value> = api
+            .list(&lp)
+            .await
+            .map_err(|e| self.error_on("list", "serviceimports.multicluster.x-k8s.io", e))?
+            .items
+            .into_iter()
+            .filter_map(|o| {
+                let v = serde_json::to_value(o).ok()?;
+                Some((name_of(&v), v))
+            })
+            .collect();
+        let mut wanted = BTreeSet::new();
+        for svc in desired.services.values() {
+            let want = service_import(svc, &ar.api_version);
+            let id = name_of(&want.0);
+            wanted.insert(id.clone());
+            self.put_import(&ar, &want, live.get(&id), report).await?;
+        }
+        for (ns, name) in live.keys().filter(|k| !wanted.contains(*k)) {
+            self.may_write()?;
+            self.remove_import(&ar, ns, name, report).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_import(
+        &self,
+        ar: &ApiResource,
+        ns: &str,
+        name: &str,
+        report: &mut SinkReport,
+    ) -> Result<(), SinkError> {
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, ar);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => report.deleted.push(format!("ServiceImport {ns}/{name}")),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(self.error_on("delete", "serviceimports.multicluster.x-k8s.io", e));
+            }
+        }
+        self.si_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(ns.to_owned(), name.to_owned()));
+        Ok(())
+    }
+
+    async fn imports_change_pass(
+        &self,
+        prev: &Imports,
+        next: &Imports,
+        report: &mut SinkReport,
+    ) -> Result<(), SinkError> {
+        let Some(ar) = self.service_imports(false).await else {
+            return Ok(());
+        };
+        for (k, svc) in &next.services {
+            if prev.services.get(k) == Some(svc) {
+                continue;
+            }
+            let want = service_import(svc, &ar.api_version);
+            let last = self
+                .si_written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name_of(&want.0))
+                .cloned();
+            if last.as_ref() == Some(&want) {
+                continue;
+            }
+            // What was written last stands for the live object.
+            let live = last.map(|(mut o, st)| {
+                o["status"] = st["status"].clone();
+                o
+            });
+            self.put_import(&ar, &want, live.as_ref(), report).await?;
+        }
+        for k in prev
+            .services
+            .keys()
+            .filter(|k| !next.services.contains_key(*k))
+        {
+            self.may_write()?;
+            self.remove_import(&ar, &k.namespace, &k.name, report)
+                .await?;
+        }
+        Ok(())
+    }
+
     fn error(&self, verb: &str, e: kube::Error) -> SinkError {
+        self.error_on(verb, "serviceentries.networking.istio.io", e)
+    }
+
+    fn error_on(&self, verb: &str, resource: &str, e: kube::Error) -> SinkError {
         SinkError {
             target: self.target(),
             hint: "the API server refused or could not be reached; the pass is retried",
-            source: k8s::explain(&e, verb, "serviceentries.networking.istio.io").into(),
+            source: k8s::explain(&e, verb, resource).into(),
         }
     }
 
@@ -246,6 +428,7 @@ impl KubeSink {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&(ns.clone(), name.clone()));
         }
+        self.imports_full_pass(desired, &mut report).await?;
         Ok(report)
     }
 
@@ -290,6 +473,7 @@ impl KubeSink {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&(k.namespace.clone(), name));
         }
+        self.imports_change_pass(prev, next, &mut report).await?;
         Ok(report)
     }
 }

@@ -90,6 +90,51 @@ pub fn service_entry(svc: &ImportedService, gateway: SocketAddr) -> serde_json::
     })
 }
 
+/// The MCS `ServiceImport` for an imported service (kube mode), for tools
+/// that read the Multi-Cluster Services API: same name and namespace as
+/// the service, type `ClusterSetIP`, its ports; and its status, the
+/// clusters that export it. `api_version` is the served
+/// `multicluster.x-k8s.io` version.
+pub fn service_import(
+    svc: &ImportedService,
+    api_version: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let ports: Vec<_> = svc
+        .ports
+        .iter()
+        .map(|p| {
+            let mut port = json!({"port": p.port, "protocol": if p.protocol.eq_ignore_ascii_case("UDP") { "UDP" } else { "TCP" }});
+            if !p.name.is_empty() {
+                port["name"] = json!(p.name);
+            }
+            port
+        })
+        .collect();
+    let meta = json!({
+        "name": svc.key.name,
+        "namespace": svc.key.namespace,
+        "labels": {MANAGED_BY.0: MANAGED_BY.1},
+    });
+    let object = json!({
+        "apiVersion": api_version,
+        "kind": "ServiceImport",
+        "metadata": meta,
+        "spec": {"type": "ClusterSetIP", "ports": ports},
+    });
+    let clusters: Vec<_> = svc
+        .clusters
+        .iter()
+        .map(|c| json!({"cluster": c.cluster}))
+        .collect();
+    let status = json!({
+        "apiVersion": api_version,
+        "kind": "ServiceImport",
+        "metadata": {"name": svc.key.name, "namespace": svc.key.namespace},
+        "status": {"clusters": clusters},
+    });
+    (object, status)
+}
+
 /// Adds what one ServiceEntry Isthmus wrote says to `out`: for each
 /// exporting cluster it names, the service with its ports, locality and
 /// weight (as healthy count). Anything else is skipped.
