@@ -13,11 +13,50 @@ use crate::identity::ca::IssuedChain;
 use crate::identity::pem::{certs_from_pem, encode};
 use crate::identity::rotation::{CertificateSigner, SignError, SignFuture};
 
+/// The token a caller presents to the CA service.
+#[derive(Clone)]
+pub enum BearerToken {
+    /// A bootstrap token, as is.
+    Static(String),
+    /// A file read at every request: a projected ServiceAccount token,
+    /// which the kubelet rotates in place.
+    File(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        match self {
+            BearerToken::Static(_) => f.write_str("BearerToken::Static(..)"),
+            BearerToken::File(p) => f.debug_tuple("BearerToken::File").field(p).finish(),
+        }
+    }
+}
+
+impl From<&str> for BearerToken {
+    fn from(s: &str) -> Self {
+        BearerToken::Static(s.to_owned())
+    }
+}
+
+impl BearerToken {
+    fn read(&self) -> Result<String, SignError> {
+        match self {
+            BearerToken::Static(s) => Ok(s.clone()),
+            BearerToken::File(p) => std::fs::read_to_string(p)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| {
+                    SignError::Remote(format!("cannot read tokenFile {}: {e}", p.display()))
+                }),
+        }
+    }
+}
+
 /// Signs through the CA service at `addr`.
 #[derive(Clone)]
 pub struct RemoteSigner {
     pub addr: SocketAddr,
-    pub token: String,
+    pub token: BearerToken,
     /// TLS to the controller's local port; checks the server is this
     /// cluster's controller (no client certificate: that is what is being
     /// asked for).
@@ -49,9 +88,11 @@ impl CertificateSigner for RemoteSigner {
                 csr_pem: encode("CERTIFICATE REQUEST", csr.as_ref()),
                 requested_ttl_seconds: ttl.as_secs(),
             });
-            let bearer = format!("Bearer {}", this.token).parse().map_err(|_| {
-                SignError::Remote("the token has characters not allowed in a header".into())
-            })?;
+            let bearer = format!("Bearer {}", this.token.read()?)
+                .parse()
+                .map_err(|_| {
+                    SignError::Remote("the token has characters not allowed in a header".into())
+                })?;
             req.metadata_mut().insert("authorization", bearer);
             let resp = CertificateServiceClient::new(channel)
                 .sign(req)

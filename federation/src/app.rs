@@ -434,19 +434,34 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         },
     )
     .max_encoding_message_size(64 * 1024 * 1024);
-    let ca_service = match (&deps.ca, &config.ca_tokens) {
-        (Some(ca), Some(tokens)) => {
-            // Fail at startup, not at the first request, on a bad file.
-            crate::casvc::load_tokens(tokens, ca).map_err(anyhow::Error::msg)?;
-            Some(
-                isthmus_proto::ca::v1::certificate_service_server::CertificateServiceServer::new(
-                    crate::casvc::CaService {
-                        ca: ca.clone(),
-                        tokens_file: tokens.clone(),
-                    },
-                ),
-            )
+    // Who may get a certificate: bootstrap tokens from `caTokens`, or in
+    // kube mode (without `caTokens`) projected ServiceAccount tokens
+    // checked with a TokenReview.
+    let auth = match (&config.ca_tokens, &config.source, &kube_client) {
+        (Some(tokens), _, _) => {
+            if let Some(ca) = &deps.ca {
+                // Fail at startup, not at the first request, on a bad file.
+                crate::casvc::load_tokens(tokens, ca).map_err(anyhow::Error::msg)?;
+            }
+            Some(crate::casvc::Authenticator::TokenFile(tokens.clone()))
         }
+        (None, SourceConfig::Kube(k), Some((client, _))) => {
+            Some(crate::casvc::Authenticator::TokenReview {
+                client: client.clone(),
+                gateway: k.gateway_service_account.clone(),
+            })
+        }
+        _ => None,
+    };
+    let ca_service = match (&deps.ca, auth) {
+        (Some(ca), Some(auth)) => Some(
+            isthmus_proto::ca::v1::certificate_service_server::CertificateServiceServer::new(
+                crate::casvc::CaService {
+                    ca: ca.clone(),
+                    auth,
+                },
+            ),
+        ),
         _ => None,
     };
     let stop = shared.shutdown.clone();

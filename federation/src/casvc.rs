@@ -6,8 +6,14 @@
 //! identity is `<namespace>/<serviceAccount>` or `gateway`. The caller
 //! sends `authorization: Bearer <token>`; the certificate names the
 //! identity the token maps to, never what the CSR asks for (a CSR naming
-//! another identity is refused). Kubernetes mode will check a projected
-//! ServiceAccount token with a TokenReview instead (docs/architecture.md).
+//! another identity is refused).
+//!
+//! Kubernetes mode checks the caller's projected ServiceAccount token
+//! (audience [`CA_AUDIENCE`]) with a TokenReview instead: the API server
+//! says whose token it is, and the certificate names that ServiceAccount
+//! (`spiffe://<td>/ns/<ns>/sa/<sa>`), or the gateway's identity for the
+//! gateway's ServiceAccount. A token for another audience, an expired or
+//! forged one, is refused with the API server's reason.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,11 +68,118 @@ pub fn load_tokens(path: &Path, ca: &ClusterCa) -> Result<BTreeMap<String, Spiff
     Ok(out)
 }
 
+/// The audience a projected ServiceAccount token must carry for the CA.
+pub const CA_AUDIENCE: &str = "isthmus-ca";
+
+/// How the CA service learns who a caller is.
+#[derive(Clone)]
+pub enum Authenticator {
+    /// Bootstrap tokens from a file, re-read at each request.
+    TokenFile(PathBuf),
+    /// Projected ServiceAccount tokens, checked with a TokenReview.
+    TokenReview {
+        client: kube::Client,
+        /// The gateway's ServiceAccount (namespace, name): its token gets
+        /// the cluster's gateway identity.
+        gateway: (String, String),
+    },
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authenticator::TokenFile(p) => f.debug_tuple("TokenFile").field(p).finish(),
+            Authenticator::TokenReview { gateway, .. } => f
+                .debug_struct("TokenReview")
+                .field("gateway", gateway)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Authenticator {
+    /// The identity `token` proves.
+    async fn identify(&self, token: &str, ca: &ClusterCa) -> Result<SpiffeId, Status> {
+        match self {
+            Authenticator::TokenFile(path) => {
+                // Read at each request: tokens can be added without a restart.
+                let tokens = load_tokens(path, ca).map_err(|e| {
+                    warn!(error = %e, "CA token file unusable");
+                    Status::unavailable("the CA's token file is unusable; see the controller's log")
+                })?;
+                tokens
+                    .get(token)
+                    .cloned()
+                    .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+            }
+            Authenticator::TokenReview { client, gateway } => {
+                let (ns, sa) = token_review(client, token).await?;
+                if (ns.as_str(), sa.as_str()) == (gateway.0.as_str(), gateway.1.as_str()) {
+                    SpiffeId::gateway(ca.trust_domain(), ca.cluster())
+                } else {
+                    SpiffeId::workload(ca.trust_domain(), &ns, &sa)
+                }
+                .map_err(|e| Status::permission_denied(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Asks the API server whose token this is: (namespace, ServiceAccount).
+async fn token_review(client: &kube::Client, token: &str) -> Result<(String, String), Status> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            audiences: Some(vec![CA_AUDIENCE.to_owned()]),
+        },
+        ..Default::default()
+    };
+    let done = api
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .map_err(|e| {
+            let why = crate::k8s::explain(&e, "create", "tokenreviews.authentication.k8s.io");
+            warn!(error = %why, "cannot review a CA caller's token");
+            Status::unavailable(format!("cannot check the token: {why}"))
+        })?;
+    let status = done.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(Status::unauthenticated(format!(
+            "the API server refused the token: {} (a sidecar presents its projected ServiceAccount token with audience {CA_AUDIENCE})",
+            status.error.unwrap_or_else(|| "not authenticated".into())
+        )));
+    }
+    if status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| !a.iter().any(|a| a == CA_AUDIENCE))
+    {
+        return Err(Status::unauthenticated(format!(
+            "the token is not for audience {CA_AUDIENCE}"
+        )));
+    }
+    let user = status.user.and_then(|u| u.username).unwrap_or_default();
+    let mut parts = user
+        .strip_prefix("system:serviceaccount:")
+        .unwrap_or("")
+        .splitn(2, ':');
+    match (parts.next(), parts.next()) {
+        (Some(ns), Some(sa)) if !ns.is_empty() && !sa.is_empty() => {
+            Ok((ns.to_owned(), sa.to_owned()))
+        }
+        _ => Err(Status::permission_denied(format!(
+            "{user:?} is not a ServiceAccount; only ServiceAccount tokens get workload certificates"
+        ))),
+    }
+}
+
 /// The CA service.
 #[derive(Debug, Clone)]
 pub struct CaService {
     pub ca: Arc<ClusterCa>,
-    pub tokens_file: PathBuf,
+    pub auth: Authenticator,
 }
 
 #[tonic::async_trait]
@@ -79,14 +192,7 @@ impl CertificateService for CaService {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned)
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        // Read at each request: tokens can be added without a restart.
-        let tokens = load_tokens(&self.tokens_file, &self.ca).map_err(|e| {
-            warn!(error = %e, "CA token file unusable");
-            Status::unavailable("the CA's token file is unusable; see the controller's log")
-        })?;
-        let Some(id) = tokens.get(&token).cloned() else {
-            return Err(Status::unauthenticated("unknown bootstrap token"));
-        };
+        let id = self.auth.identify(&token, &self.ca).await?;
         let req = request.into_inner();
         let csr =
             CertificateSigningRequestDer::from_pem_slice(req.csr_pem.as_bytes()).map_err(|e| {

@@ -23,6 +23,10 @@ pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
 /// linked peers unless `stateDir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/isthmus";
 
+/// The gateway's ServiceAccount unless `source.kube.gatewayServiceAccount`
+/// says otherwise.
+pub const DEFAULT_GATEWAY_SA: &str = "isthmus-system/isthmus-gateway";
+
 /// Default heartbeat interval on federation streams; a peer silent for
 /// three intervals is disconnected, and marked stale after two.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -67,6 +71,10 @@ pub struct KubeSource {
     /// The Lease that elects the one replica that writes
     /// (`leaderElection: {namespace, name, leaseDuration}`).
     pub leader_election: crate::leader::LeaseConfig,
+    /// The gateway's ServiceAccount (namespace, name): the CA gives its
+    /// token the cluster's gateway identity (`gatewayServiceAccount:
+    /// isthmus-system/isthmus-gateway`, the default).
+    pub gateway_service_account: (String, String),
 }
 
 /// The controller's whole configuration.
@@ -122,10 +130,25 @@ impl FromConfig for ControllerConfig {
                 lease_duration: le.or("leaseDuration", defaults.lease_duration),
             };
             le.finish();
+            let gw: String = k.or("gatewayServiceAccount", DEFAULT_GATEWAY_SA.to_owned());
+            let gateway_service_account = match gw.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => {
+                    (ns.to_owned(), sa.to_owned())
+                }
+                _ => {
+                    k.error(
+                        "gatewayServiceAccount",
+                        format!("{gw:?} is not namespace/name"),
+                        format!("write it as namespace/name, e.g. {DEFAULT_GATEWAY_SA}"),
+                    );
+                    Default::default()
+                }
+            };
             let out = KubeSource {
                 kubeconfig: k.optional("kubeconfig"),
                 context: k.optional("context"),
                 leader_election,
+                gateway_service_account,
             };
             k.finish();
             out

@@ -60,6 +60,7 @@ impl Kube {
                 name: "isthmus-controller".into(),
                 lease_duration: Duration::from_secs(2),
             },
+            gateway_service_account: ("isthmus-system".into(), "isthmus-gateway".into()),
         });
         c
     }
@@ -563,4 +564,74 @@ fn lease_holder(api: &ApiServer) -> Option<String> {
         .as_str()
         .filter(|h| !h.is_empty())
         .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_signs_what_a_token_review_proves() {
+    use isthmus_core::caclient::{BearerToken, RemoteSigner};
+    use isthmus_core::identity::{RotatingCert, SpiffeId};
+    use isthmus_kube_standin::TokenInfo;
+
+    let root = tempfile::tempdir().unwrap();
+    let api = ApiServer::start().await.unwrap();
+    let sa = |ns: &str, name: &str, aud: &str| TokenInfo {
+        username: format!("system:serviceaccount:{ns}:{name}"),
+        uid: format!("{ns}-{name}"),
+        groups: vec!["system:serviceaccounts".into()],
+        audiences: vec![aud.into()],
+    };
+    api.add_token("web-projected", sa("sample", "web", "isthmus-ca"));
+    api.add_token(
+        "gw-projected",
+        sa("isthmus-system", "isthmus-gateway", "isthmus-ca"),
+    );
+    api.add_token(
+        "web-for-the-api",
+        sa("sample", "web", "https://kubernetes.default.svc"),
+    );
+    let east = Kube::new(root.path(), "east", "us-east1", api).await;
+    let e = east.start(&[]).await;
+    let provider = isthmus_core::tls::provider();
+    // The sidecar's token file, rotated in place as the kubelet does.
+    let token_file = root.path().join("token");
+    let signer = RemoteSigner {
+        addr: e.local_addr,
+        token: BearerToken::File(token_file.clone()),
+        tls: east.cluster.local_tls(None),
+    };
+    let issue = async |id: &SpiffeId, token: &str| {
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        RotatingCert::issue(
+            id.clone(),
+            &signer,
+            Duration::from_secs(600),
+            provider.clone(),
+        )
+        .await
+        .map(|c| c.certified_key().cert.len())
+    };
+    let td = &east.cluster.domain.td;
+    let web = SpiffeId::workload(td, "sample", "web").unwrap();
+    assert!(issue(&web, "web-projected").await.is_ok());
+    let gateway = SpiffeId::gateway(td, "east").unwrap();
+    assert!(issue(&gateway, "gw-projected").await.is_ok());
+
+    // Another ServiceAccount's identity, a token for another audience, an
+    // unknown token: refused, with the reason.
+    let other = SpiffeId::workload(td, "sample", "db").unwrap();
+    let err = issue(&other, "web-projected")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("PermissionDenied"), "{err}");
+    let err = issue(&web, "web-for-the-api")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Unauthenticated") && err.contains("audience"),
+        "{err}"
+    );
+    let err = issue(&web, "forged").await.unwrap_err().to_string();
+    assert!(err.contains("refused the token"), "{err}");
 }

@@ -40,7 +40,10 @@ pub struct ProxyConfig {
     pub workload: WorkloadSection,
     /// The local controller (IP:port, 15010): config stream and CA.
     pub controller: String,
-    /// The bootstrap token for the controller's CA service.
+    /// The token for the controller's CA service: a bootstrap token
+    /// (files mode), or in Kubernetes the pod's projected ServiceAccount
+    /// token with audience `isthmus-ca`. Re-read at every renewal (the
+    /// kubelet rotates projected tokens in place).
     pub token_file: Option<PathBuf>,
     /// This cluster's root certificate (PEM), to check the controller
     /// before sending it the token (Istio mounts it as

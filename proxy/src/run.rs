@@ -40,10 +40,11 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
         .with_context(|| format!("cannot read caRoot {}", ca_root.display()))?;
     let roots = isthmus_core::identity::pem::certs_from_pem(&roots)
         .map_err(|e| anyhow::anyhow!("caRoot {}: {e}", ca_root.display()))?;
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?
-        .trim()
-        .to_owned();
+    // Read now to fail fast, and again at every renewal: a projected
+    // ServiceAccount token is rotated in place by the kubelet.
+    std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?;
+    let token = isthmus_core::caclient::BearerToken::File(token_file.clone());
     boot::block_on_runtime("proxy", Some(workers), || async move {
         let w = &config.workload;
         let ttl = config.certificate_ttl;
