@@ -25,7 +25,6 @@ use tracing::{Instrument, info, info_span};
 use crate::catalog::Catalog;
 use crate::config::{ControllerConfig, SourceConfig};
 use crate::dial::{add_peer, peers_loop};
-use crate::link::{PeerFile, TokenStore};
 use crate::metrics::{Metrics, RejectedLabels};
 use crate::objects::Kind;
 use crate::reconcile::reconcile_loop;
@@ -38,6 +37,7 @@ use crate::source::files::FilesSource;
 use crate::source::kube::{KubeSource, SourceHealth};
 use crate::state::{ClientTls, Shared};
 use crate::state::{PeerState, PeerStatus};
+use crate::state_store::StateStore;
 
 /// What a controller needs from outside: its certificate
 /// (`spiffe://<td>/cluster/<name>/controller`) and the trust bundles of
@@ -98,13 +98,19 @@ impl ConfigDump for ProblemsDump {
     }
 }
 
-struct LinksDump(std::path::PathBuf);
+struct LinksDump(Arc<Shared>);
 impl ConfigDump for LinksDump {
     fn name(&self) -> &str {
         "pending_links"
     }
     fn dump(&self) -> serde_json::Value {
-        let pending: Vec<_> = PeerFile::load_all(&self.0)
+        let records = self
+            .0
+            .peer_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pending: Vec<_> = records
             .into_iter()
             .filter(|f| f.pending_token.is_some())
             .map(|f| serde_json::json!({"cluster": f.name, "address": f.address, "error": f.link_error}))
@@ -283,8 +289,14 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         catalog: catalog_rx,
         peers: RwLock::default(),
         allowed: allowed.clone(),
-        state_dir: config.state_dir.clone(),
-        tokens: TokenStore::new(&config.state_dir),
+        state: match (&config.source, &kube_client) {
+            (SourceConfig::Kube(k), Some((client, _))) => StateStore::Secrets {
+                client: client.clone(),
+                namespace: k.namespace.clone(),
+            },
+            _ => StateStore::Dir(config.state_dir.clone()),
+        },
+        peer_records: Default::default(),
         advertised: config.advertised(),
         client_tls: ClientTls(Box::new(move |expect| {
             isthmus_core::tls::client_config(
@@ -339,6 +351,33 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     let sink: Arc<dyn Sink> = match (&config.source, &kube_client) {
         (SourceConfig::Files { dir }, _) => Arc::new(FilesSink::new(dir, gateway)),
         (SourceConfig::Kube(k), Some((client, url))) => {
+            if let Some(ca) = &deps.ca {
+                let info = crate::state_store::ClusterInfo {
+                    cluster: shared.cluster.clone(),
+                    trust_domain: shared.trust_domain.to_string(),
+                    address: shared.advertised.clone().unwrap_or_default(),
+                    identity: SpiffeId::controller(&shared.trust_domain, &shared.cluster)?
+                        .to_string(),
+                    root_fingerprint: isthmus_core::identity::trust::fingerprint(ca.root()),
+                };
+                let (client, ns, stop) =
+                    (client.clone(), k.namespace.clone(), shared.shutdown.clone());
+                tokio::spawn(async move {
+                    // Until it is there: `isthmus link create` reads it.
+                    loop {
+                        match crate::state_store::publish_cluster_info(&client, &ns, &info).await {
+                            Ok(()) => return,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot publish this cluster's link details; retrying in 5 s")
+                            }
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = stop.signaled() => return,
+                        }
+                    }
+                });
+            }
             let identity = crate::leader::identity();
             leader_dump = Some(LeaderDump {
                 identity: identity.clone(),
@@ -394,10 +433,14 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             )
         })
         .collect();
-    for f in PeerFile::load_all(&config.state_dir)
-        .into_iter()
-        .filter(|f| f.pending_token.is_none())
-    {
+    let records = match shared.state.peers().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, store = %shared.state.describe(), "cannot read linked peers at startup; they are added when readable");
+            Vec::new()
+        }
+    };
+    for f in records.into_iter().filter(|f| f.pending_token.is_none()) {
         let Ok(td) = isthmus_core::identity::TrustDomain::new(&f.trust_domain) else {
             continue;
         };
@@ -501,7 +544,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             Arc::new(StatusDump(shared.clone())) as Arc<dyn ConfigDump>,
             Arc::new(ConflictDump(shared.clone())),
             Arc::new(ProblemsDump(shared.catalog.clone())),
-            Arc::new(LinksDump(config.state_dir.clone())),
+            Arc::new(LinksDump(shared.clone())),
             Arc::new(MeshDump(mesh_rx.clone())),
         ]
         .into_iter()

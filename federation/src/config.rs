@@ -23,6 +23,22 @@ pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
 /// linked peers unless `stateDir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/isthmus";
 
+impl Default for KubeSource {
+    fn default() -> Self {
+        let leader_election = crate::leader::LeaseConfig::default();
+        Self {
+            kubeconfig: None,
+            context: None,
+            namespace: leader_election.namespace.clone(),
+            leader_election,
+            gateway_service_account: DEFAULT_GATEWAY_SA
+                .split_once('/')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The gateway's ServiceAccount unless `source.kube.gatewayServiceAccount`
 /// says otherwise.
 pub const DEFAULT_GATEWAY_SA: &str = "isthmus-system/isthmus-gateway";
@@ -60,7 +76,7 @@ pub enum SourceConfig {
 }
 
 /// How to reach the Kubernetes API (`source.kube`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KubeSource {
     /// A kubeconfig file; without it, the in-cluster configuration (the
@@ -68,6 +84,11 @@ pub struct KubeSource {
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context (default: its current context).
     pub context: Option<String>,
+    /// The controller's own namespace: its Lease, its link tokens and
+    /// peers (Secrets), its published link details (ConfigMap
+    /// `isthmus-cluster`). Default: `POD_NAMESPACE`, else
+    /// `isthmus-system`.
+    pub namespace: String,
     /// The Lease that elects the one replica that writes
     /// (`leaderElection: {namespace, name, leaseDuration}`).
     pub leader_election: crate::leader::LeaseConfig,
@@ -122,10 +143,11 @@ impl FromConfig for ControllerConfig {
         let files: Option<PathBuf> = src.optional("files");
         let kube = src.has("kube").then(|| {
             let k = src.object("kube");
-            let le = k.object("leaderElection");
             let defaults = crate::leader::LeaseConfig::default();
+            let namespace: String = k.or("namespace", defaults.namespace.clone());
+            let le = k.object("leaderElection");
             let leader_election = crate::leader::LeaseConfig {
-                namespace: le.or("namespace", defaults.namespace),
+                namespace: namespace.clone(),
                 name: le.or("name", defaults.name),
                 lease_duration: le.or("leaseDuration", defaults.lease_duration),
             };
@@ -147,6 +169,7 @@ impl FromConfig for ControllerConfig {
             let out = KubeSource {
                 kubeconfig: k.optional("kubeconfig"),
                 context: k.optional("context"),
+                namespace,
                 leader_election,
                 gateway_service_account,
             };

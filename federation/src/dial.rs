@@ -125,7 +125,18 @@ pub async fn peers_loop(shared: Arc<Shared>) {
         while let Ok(name) = done_rx.try_recv() {
             in_progress.remove(&name);
         }
-        for file in PeerFile::load_all(&shared.state_dir) {
+        let files = match shared.state.peers().await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, store = %shared.state.describe(), "cannot read linked peers; retrying");
+                Vec::new()
+            }
+        };
+        *shared
+            .peer_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = files.clone();
+        for file in files {
             if let Some(token) = &file.pending_token {
                 if file.link_error.is_none() && !in_progress.contains(&file.name) {
                     in_progress.insert(file.name.clone());
@@ -159,8 +170,14 @@ pub async fn peers_loop(shared: Arc<Shared>) {
                 info!(peer.cluster = %file.name, "linked peer added");
             }
         }
+        // A directory is cheap to scan; Secrets are read from the API
+        // server, so less often.
+        let every = match shared.state {
+            crate::state_store::StateStore::Dir(_) => Duration::from_millis(200),
+            crate::state_store::StateStore::Secrets { .. } => Duration::from_secs(2),
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = shared.shutdown.signaled() => return,
         }
     }
@@ -169,14 +186,16 @@ pub async fn peers_loop(shared: Arc<Shared>) {
 /// First contact from the joining side: calls the issuer's `Link`,
 /// trusting it only through the token's pinned root.
 async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
-    let fail = |mut file: PeerFile, reason: String| {
+    let fail = async |mut file: PeerFile, reason: String| {
         warn!(peer.cluster = %file.name, %reason, "link failed");
         file.link_error = Some(reason);
-        let _ = file.write(&shared.state_dir);
+        if let Err(e) = shared.state.write_peer(&file).await {
+            warn!(error = %e, "cannot record the failed link");
+        }
     };
     let token = match Token::decode(encoded) {
         Ok(t) => t,
-        Err(e) => return fail(file, e.to_string()),
+        Err(e) => return fail(file, e.to_string()).await,
     };
     let Ok(expect) = token.payload.identity.parse::<SpiffeId>() else {
         return fail(
@@ -185,22 +204,24 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
                 "token names an invalid identity {:?}",
                 token.payload.identity
             ),
-        );
+        )
+        .await;
     };
     let Some(advertised) = shared.advertised.clone() else {
         return fail(
             file,
             "this controller has no address peers can reach: set advertiseAddress".into(),
-        );
+        )
+        .await;
     };
     let own = match shared.trust.get(&shared.trust_domain) {
         Some(b) => b.bundle.clone(),
-        None => return fail(file, "own trust bundle missing".into()),
+        None => return fail(file, "own trust bundle missing".into()).await,
     };
     let cfg = isthmus_core::tls::pinned_client_config(&token.payload.root_fingerprint, expect, &[]);
     let channel = match transport::channel(token.payload.address.clone(), cfg) {
         Ok(c) => c,
-        Err(e) => return fail(file, e),
+        Err(e) => return fail(file, e).await,
     };
     let request = LinkRequest {
         token_id: token.payload.token_id.clone(),
@@ -224,7 +245,8 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
                     token.payload.cluster,
                     s.message()
                 ),
-            );
+            )
+            .await;
         }
         Ok(Err(s)) => {
             // Unreachable or a transport problem: retried on the next scan.
@@ -241,7 +263,7 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
         .trust_bundle
         .filter(|b| b.trust_domain == token.payload.trust_domain)
     else {
-        return fail(file, "the issuer answered without its trust bundle".into());
+        return fail(file, "the issuer answered without its trust bundle".into()).await;
     };
     let roots: Vec<rustls_pki_types::CertificateDer<'static>> = b
         .roots_der
@@ -255,7 +277,8 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
         return fail(
             file,
             "the issuer's trust bundle does not contain the root the token pinned".into(),
-        );
+        )
+        .await;
     }
     file.trust_bundle_pem = roots
         .iter()
@@ -263,7 +286,7 @@ async fn link_with(shared: &Arc<Shared>, mut file: PeerFile, encoded: &str) {
         .collect();
     file.pending_token = None;
     file.link_error = None;
-    if let Err(e) = file.write(&shared.state_dir) {
+    if let Err(e) = shared.state.write_peer(&file).await {
         warn!(error = %e, "cannot record the linked peer");
         return;
     }

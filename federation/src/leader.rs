@@ -25,7 +25,8 @@ use tracing::{info, warn};
 
 use crate::k8s;
 
-/// Where the Lease is and how long it lasts (`source.kube.leaderElection`).
+/// Where the Lease is (the controller's namespace) and how long it lasts
+/// (`source.kube.leaderElection: {name, leaseDuration}`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseConfig {

@@ -27,6 +27,7 @@ pub mod session;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod state_store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

@@ -233,15 +233,7 @@ impl TokenStore {
                 }
             }
         }
-        self.save(
-            &token.payload.token_id,
-            &IssuedToken {
-                encoded: token.encoded.clone(),
-                secret: token.payload.secret.clone(),
-                expires: token.payload.expires,
-                used_by: None,
-            },
-        )
+        self.save(&token.payload.token_id, &IssuedToken::new(token))
     }
 
     /// Checks a Link request and marks the token used. `presented` is the
@@ -256,31 +248,62 @@ impl TokenStore {
         let Some(mut t) = self.load(token_id) else {
             return Err(TokenError::Unknown(token_id.to_owned()));
         };
-        if presented != t.encoded
-            || !verify_mac(
-                &t.secret,
-                format!("{}|{joining_cluster}", t.encoded).as_bytes(),
-                proof,
-            )
-        {
-            return Err(TokenError::Tampered);
+        if check_redeem(&mut t, presented, joining_cluster, proof)? {
+            self.save(token_id, &t)
+                .map_err(|_| TokenError::Unknown(token_id.to_owned()))?;
         }
-        if now_unix() >= t.expires {
-            return Err(TokenError::Expired(rfc3339(t.expires)));
+        Ok(())
+    }
+}
+
+/// Checks a Link request against an issued token and marks it used by
+/// `joining_cluster`; whether the token changed (and must be saved).
+pub fn check_redeem(
+    t: &mut IssuedToken,
+    presented: &str,
+    joining_cluster: &str,
+    proof: &[u8],
+) -> Result<bool, TokenError> {
+    if presented != t.encoded
+        || !verify_mac(
+            &t.secret,
+            format!("{}|{joining_cluster}", t.encoded).as_bytes(),
+            proof,
+        )
+    {
+        return Err(TokenError::Tampered);
+    }
+    if now_unix() >= t.expires {
+        return Err(TokenError::Expired(rfc3339(t.expires)));
+    }
+    if let Some(by) = &t.used_by {
+        // The same cluster again (its proof binds its name): its first
+        // attempt went through but the answer was lost, so it retries.
+        // Answer again rather than strand the link; anyone else is
+        // refused.
+        if by == joining_cluster {
+            return Ok(false);
         }
-        if let Some(by) = &t.used_by {
-            // The same cluster again (its proof binds its name): its first
-            // attempt went through but the answer was lost, so it
-            // retries. Answer again rather than strand the link; anyone
-            // else is refused.
-            if by == joining_cluster {
-                return Ok(());
-            }
-            return Err(TokenError::Reused(by.clone()));
+        return Err(TokenError::Reused(by.clone()));
+    }
+    t.used_by = Some(joining_cluster.to_owned());
+    Ok(true)
+}
+
+impl IssuedToken {
+    /// The record of a newly created token.
+    pub fn new(token: &Token) -> Self {
+        Self {
+            encoded: token.encoded.clone(),
+            secret: token.payload.secret.clone(),
+            expires: token.payload.expires,
+            used_by: None,
         }
-        t.used_by = Some(joining_cluster.to_owned());
-        self.save(token_id, &t)
-            .map_err(|_| TokenError::Unknown(token_id.to_owned()))
+    }
+
+    /// Whether it expired a day ago or more (and can be forgotten).
+    pub fn is_old(&self) -> bool {
+        self.expires + 86_400 <= now_unix()
     }
 }
 

@@ -50,8 +50,9 @@ impl PeerFederation for FederationService {
         TrustStore::with_bundles([peer_bundle.clone()])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         shared
-            .tokens
+            .state
             .redeem(&r.token_id, &r.token, &r.cluster_name, &r.proof)
+            .await
             .map_err(|e| {
                 warn!(joining = %r.cluster_name, error = %e, "link refused");
                 Status::permission_denied(e.to_string())
@@ -67,7 +68,10 @@ impl PeerFederation for FederationService {
             pending_token: None,
             link_error: None,
         };
-        file.write(&shared.state_dir)
+        shared
+            .state
+            .write_peer(&file)
+            .await
             .map_err(|e| Status::internal(format!("cannot record the peer: {e}")))?;
         add_peer(
             shared,

@@ -2,7 +2,6 @@
 //! its catalogue, its peers and what is known of each.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +15,6 @@ use tokio::time::Instant;
 use crate::catalog::{Catalog, ExportPolicy};
 use crate::export::Export;
 use crate::import::Conflict;
-use crate::link::TokenStore;
 use crate::metrics::Metrics;
 
 /// State every task of one controller shares.
@@ -36,8 +34,10 @@ pub struct Shared {
     pub peers: RwLock<BTreeMap<String, Arc<PeerState>>>,
     /// Peer controller identities the federation port accepts.
     pub allowed: Arc<RwLock<BTreeSet<SpiffeId>>>,
-    pub state_dir: PathBuf,
-    pub tokens: TokenStore,
+    /// Link tokens and linked peers: the state directory, or Secrets.
+    pub state: crate::state_store::StateStore,
+    /// The peer records as of the last scan (for `/config_dump`).
+    pub peer_records: Mutex<Vec<crate::link::PeerFile>>,
     /// Where peers reach us, sent when linking.
     pub advertised: Option<String>,
     pub client_tls: ClientTls,

@@ -55,6 +55,7 @@ impl Kube {
         c.source = SourceConfig::Kube(KubeSource {
             kubeconfig: Some(self.kubeconfig.clone()),
             context: None,
+            namespace: "isthmus-system".into(),
             leader_election: LeaseConfig {
                 namespace: "isthmus-system".into(),
                 name: "isthmus-controller".into(),
@@ -634,4 +635,106 @@ async fn the_ca_signs_what_a_token_review_proves() {
     );
     let err = issue(&web, "forged").await.unwrap_err().to_string();
     assert!(err.contains("refused the token"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_live_in_secrets_and_survive_a_restart() {
+    use isthmus_federation::state_store::{apply_token, create_token};
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let west = Kube::new(
+        root.path(),
+        "west",
+        "us-west1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let e = east.start(&[]).await;
+    let _w = west.start(&[]).await;
+    let source = |k: &Kube| KubeSource {
+        kubeconfig: Some(k.kubeconfig.clone()),
+        ..KubeSource::default()
+    };
+    // What `isthmus link create --context east` and `isthmus link apply
+    // --context west <token>` do, once the controllers published their
+    // link details.
+    assert_eventually("both published their link details", WAIT, async || {
+        east.api
+            .get("configmaps", "isthmus-system", "isthmus-cluster")
+            .is_some()
+            && west
+                .api
+                .get("configmaps", "isthmus-system", "isthmus-cluster")
+                .is_some()
+    })
+    .await;
+    let (token, info) = create_token(&source(&east), "isthmus-system", Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(info.cluster, "east");
+    // Applied in the cluster that made it: refused.
+    let own = apply_token(&source(&east), "isthmus-system", &token)
+        .await
+        .unwrap_err();
+    assert!(own.contains("created by cluster east itself"), "{own}");
+    assert_eq!(
+        apply_token(&source(&west), "isthmus-system", &token)
+            .await
+            .unwrap(),
+        "west"
+    );
+
+    west.apply(&workload("web", 80, 1, "v1", true)).await;
+    assert_eventually("east imports west's service", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").is_some()
+    })
+    .await;
+    // The token is spent, recorded in east's Secret; each side keeps the
+    // other as a peer Secret.
+    let secret = east
+        .api
+        .get(
+            "secrets",
+            "isthmus-system",
+            &format!("isthmus-link-{}", token.payload.token_id),
+        )
+        .unwrap();
+    let record = base64_decode(secret["data"]["token.json"].as_str().unwrap());
+    assert!(record.contains("\"used_by\":\"west\""), "{record}");
+    for (k, peer) in [(&east, "west"), (&west, "east")] {
+        let s = k
+            .api
+            .get("secrets", "isthmus-system", &format!("isthmus-peer-{peer}"))
+            .unwrap();
+        let text = base64_decode(s["data"]["peer.yaml"].as_str().unwrap());
+        assert!(
+            text.contains("BEGIN CERTIFICATE") && !text.contains("pending_token: isthmus1"),
+            "{text}"
+        );
+    }
+
+    // East restarts with an empty disk (a rescheduled pod): its peers come
+    // back from the Secrets and it still imports what west exports.
+    e.shutdown(Duration::from_secs(5)).await;
+    let mut config = east.config(&[]);
+    config.state_dir = root.path().join("fresh-disk");
+    let _e2 = east.cluster.start(config, &[]).await;
+    west.apply(&workload("api", 81, 1, "v1", true)).await;
+    assert_eventually(
+        "the restarted east imports a new service",
+        WAIT,
+        async || east.api.get(SE, "sample", "api-clusterset").is_some(),
+    )
+    .await;
+}
+
+fn base64_decode(s: &str) -> String {
+    use base64::Engine as _;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
 }
