@@ -31,11 +31,17 @@ fn service_file(prefix: &str, n: usize, endpoints: usize, created: &str) -> Stri
         ));
         for e in 0..endpoints {
             y.push_str(&format!(
-                "  - {{addresses: [\"10.{}.{}.{}\"], zone: z{}, labels: {{version: v{}}}}}\n",
+                "  - {{addresses: [\"10.{}.{}.{}\"], zone: z{}, targetRef: {{kind: Pod, name: {name}-{e}}}}}\n",
                 (e / 65536) % 256,
                 (e / 256) % 256,
                 e % 256,
                 e % 3,
+            ));
+        }
+        // Subset labels live on the Pods, as in a real cluster.
+        for e in 0..endpoints {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-{e}, namespace: bench, labels: {{version: v{}}}}}\n",
                 e % 2
             ));
         }

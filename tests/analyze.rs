@@ -26,7 +26,11 @@ spec: {ports: [{name: http, port: 5000}]}
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: hw-1, namespace: sample, labels: {kubernetes.io/service-name: helloworld}}
-endpoints: [{addresses: ['127.0.1.10'], labels: {app: helloworld, version: v1}}]
+endpoints: [{addresses: ['127.0.1.10'], targetRef: {kind: Pod, name: helloworld-v1-0}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helloworld-v1-0, namespace: sample, labels: {app: helloworld, version: v1}}
 ---
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport

@@ -47,7 +47,7 @@ admin:
     for expected in [
         "cluster.name: cluster name \"East_1\" is invalid",
         "cluster.locality.zon: unknown field (fix: did you mean `zone`?)",
-        "source: is missing: the controller must read its cluster from somewhere (fix: set source: {files: <directory of the cluster's manifests>})",
+        "source: is missing: the controller must read its cluster from somewhere (fix: set source: {kube: {}} (the cluster's API) or source: {files: <directory of the cluster's manifests>})",
         "listen.federation: \"0.0.0.0:99999\" is not an address",
         "staleLease: \"forever\" is not a duration",
         "peers[0].trustDomain: missing",
@@ -139,7 +139,30 @@ fn the_source_is_chosen_by_its_section_and_sourcedir_is_its_older_spelling() {
         err.contains("sourceDir: both source.files and sourceDir are set (fix: keep source.files"),
         "{err}"
     );
-    let (ok, _, err) = check(&format!("{base}source: {{ kube: {{}} }}\n"));
+    // Kube mode: every key has a default; wrong ones are named.
+    let (ok, out, err) = check(&format!("{base}source: {{ kube: {{}} }}\n"));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\"kube\"") && out.contains("isthmus-controller"),
+        "{out}"
+    );
+    let (ok, _, err) = check(&format!(
+        "{base}source: {{ kube: {{ contxt: east, gatewayServiceAccount: gw, leaderElection: {{ leaseDuration: soon }} }} }}\n"
+    ));
     assert!(!ok);
-    assert!(err.contains("source.kube: unknown field"), "{err}");
+    for expected in [
+        "source.kube.contxt: unknown field (fix: did you mean `context`?)",
+        "source.kube.gatewayServiceAccount: \"gw\" is not namespace/name",
+        "source.kube.leaderElection.leaseDuration: \"soon\" is not a duration",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    let (ok, _, err) = check(&format!(
+        "{base}source: {{ kube: {{}}, files: manifests }}\n"
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains("both a files directory and kube are set"),
+        "{err}"
+    );
 }

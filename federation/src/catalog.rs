@@ -183,28 +183,21 @@ impl Catalog {
                 };
                 slice_ports.extend(sp.iter().map(|(k, v)| (k.clone(), *v)));
                 for e in eps {
-                    // Subset labels: the endpoint's own (files mode), else
-                    // its Pod's.
-                    let pod_labels;
-                    let labels = if e.labels.is_empty() && !e.target.is_empty() {
-                        pod_labels = objects
-                            .get(&crate::objects::ObjectKey {
-                                kind: Kind::Pod,
-                                namespace: o.key.namespace.clone(),
-                                name: e.target.clone(),
-                            })
-                            .map(|p| {
-                                p.labels
-                                    .iter()
-                                    .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
-                                    .map(|(k, v)| (k.clone(), v.clone()))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        &pod_labels
-                    } else {
-                        &e.labels
-                    };
+                    // Subset labels: its Pod's.
+                    let labels: BTreeMap<String, String> = objects
+                        .get(&crate::objects::ObjectKey {
+                            kind: Kind::Pod,
+                            namespace: o.key.namespace.clone(),
+                            name: e.target.clone(),
+                        })
+                        .map(|p| {
+                            p.labels
+                                .iter()
+                                .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     let (region, zone) = match nodes.get(e.node_name.as_str()) {
                         Some((r, z)) => (
                             r.to_string(),

@@ -113,13 +113,9 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub zone: String,
     pub node_name: String,
-    /// Pod (or demo instance) name from `targetRef`.
+    /// The Pod `targetRef` names: its labels are the endpoint's (for
+    /// DestinationRule subsets); the catalogue joins them.
     pub target: String,
-    /// The endpoint's labels, for DestinationRule subsets: the labels of
-    /// the Pod its `targetRef` names (the catalogue joins them). A files
-    /// cluster may also write them on the endpoint as `labels:` (or
-    /// `targetRef.labels:`), an Isthmus extension a real API server drops.
-    pub labels: BTreeMap<String, String>,
 }
 
 /// What an object says, by kind.
@@ -349,11 +345,12 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
                     return Err(err(&format!("endpoints[{i}].addresses"), "is empty"));
                 }
                 let cond = e.get("conditions");
-                // Kubernetes: a nil `ready` means ready.
-                let ready = cond
-                    .and_then(|c| c.get("ready"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true);
+                let flag = |k: &str| cond.and_then(|c| c.get(k)).and_then(Value::as_bool);
+                // Kubernetes: a nil `ready` means ready; a terminating
+                // endpoint counts as not ready even while `serving` (it
+                // takes no new connections).
+                let terminating = flag("terminating").unwrap_or(false);
+                let ready = flag("ready").unwrap_or(!terminating) && !terminating;
                 let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_owned();
                 endpoints.push(SliceEndpoint {
                     addresses,
@@ -361,16 +358,6 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
                     zone: s(e.get("zone")),
                     node_name: s(e.get("nodeName")),
                     target: s(e.get("targetRef").and_then(|t| t.get("name"))),
-                    labels: e
-                        .get("labels")
-                        .or_else(|| e.get("targetRef").and_then(|t| t.get("labels")))
-                        .and_then(Value::as_object)
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
                 });
             }
             Body::EndpointSlice {
@@ -439,4 +426,34 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
         labels,
         body,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn endpoint_readiness_follows_the_slice_conditions() {
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "sample",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [
+                {"addresses": ["10.0.0.1"]},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": true, "terminating": true}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "name": "web-5"}},
+            ]
+        });
+        let o = parse(&slice).unwrap().unwrap();
+        let Body::EndpointSlice { endpoints, .. } = o.body else {
+            panic!("{o:?}")
+        };
+        let ready: Vec<bool> = endpoints.iter().map(|e| e.ready).collect();
+        assert_eq!(ready, [true, false, false, false, true]);
+        assert_eq!(endpoints[4].target, "web-5");
+    }
 }

@@ -144,12 +144,14 @@ impl TestCluster {
     }
 }
 
-/// A Service with one ready endpoint, and (optionally) its ServiceExport.
+/// A Service with one ready endpoint (its Pod labelled `version: v1`),
+/// and (optionally) its ServiceExport.
 pub fn service_yaml(name: &str, port: u16, exported: bool, created: &str) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: sample}}\nspec: {{ports: [{{name: http, port: {port}}}]}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: sample, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-         endpoints:\n  - {{addresses: [\"127.0.0.10\"], conditions: {{ready: true}}, zone: z, labels: {{version: v1}}}}\n"
+         endpoints:\n  - {{addresses: [\"127.0.0.10\"], conditions: {{ready: true}}, zone: z, targetRef: {{kind: Pod, name: {name}-0}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-0, namespace: sample, labels: {{app: {name}, version: v1}}}}\n"
     );
     if exported {
         y.push_str(&format!(

@@ -27,7 +27,12 @@ fn cluster_yaml(svc: &str, port: u16, created: &str, ready: &[bool], exported: b
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: sample, labels: {{kubernetes.io/service-name: {svc}}}}}\nendpoints:\n"
     );
     for (i, r) in ready.iter().enumerate() {
-        y.push_str(&format!("  - {{addresses: [\"10.0.0.{i}\"], conditions: {{ready: {r}}}, nodeName: n1, labels: {{version: v1}}}}\n"));
+        y.push_str(&format!("  - {{addresses: [\"10.0.0.{i}\"], conditions: {{ready: {r}}}, nodeName: n1, targetRef: {{kind: Pod, name: {svc}-{i}}}}}\n"));
+    }
+    for i in 0..ready.len() {
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {svc}-{i}, namespace: sample, labels: {{version: v1}}}}\n"
+        ));
     }
     if exported {
         y.push_str(&format!(

@@ -25,8 +25,11 @@ endpoints:
   - addresses: ["127.0.1.10"]
     conditions: { ready: true }
     zone: us-east1-a
-    targetRef: { name: helloworld-v1-0 }
-    labels: { version: v1 }
+    targetRef: { kind: Pod, name: helloworld-v1-0 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: helloworld-v1-0, namespace: sample, labels: { app: helloworld, version: v1 } }
 ---
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
@@ -59,7 +62,8 @@ fn reads_multi_document_files_into_typed_objects() {
     );
     let mut src = FilesSource::new(dir.path());
     let (applied, deleted) = src.scan();
-    assert_eq!(applied.len(), 4);
+    // Service, EndpointSlice, Pod, ServiceExport, Node.
+    assert_eq!(applied.len(), 5);
     assert!(deleted.is_empty());
     assert!(src.errors.is_empty(), "{:?}", src.errors);
     let objs = src.objects();
@@ -79,7 +83,9 @@ fn reads_multi_document_files_into_typed_objects() {
     assert_eq!(ports["http"], 15006);
     // Loopback endpoints are accepted on purpose (embedded mode).
     assert_eq!(endpoints[0].addresses[0].to_string(), "127.0.1.10");
-    assert_eq!(endpoints[0].labels["version"], "v1");
+    assert_eq!(endpoints[0].target, "helloworld-v1-0");
+    let pod = objs.iter().find(|o| o.key.kind == Kind::Pod).unwrap();
+    assert_eq!(pod.labels["version"], "v1");
     let node = objs.iter().find(|o| o.key.kind == Kind::Node).unwrap();
     assert_eq!(
         node.body,
@@ -99,7 +105,7 @@ fn a_broken_file_is_reported_with_its_line_and_earlier_state_stays() {
     let mut src = FilesSource::new(dir.path());
     src.scan();
     let before = names(&src);
-    assert_eq!(before.len(), 3);
+    assert_eq!(before.len(), 4);
 
     // A typo on line 14 (second document).
     let broken = HELLOWORLD.replace(
@@ -157,11 +163,11 @@ fn deleting_a_file_deletes_its_objects_and_the_imports_dir_is_ignored() {
     );
     let mut src = FilesSource::new(dir.path());
     src.scan();
-    assert_eq!(names(&src).len(), 3);
+    assert_eq!(names(&src).len(), 4);
     std::fs::remove_file(dir.path().join("helloworld.yaml")).unwrap();
     let (applied, deleted) = src.scan();
     assert!(applied.is_empty());
-    assert_eq!(deleted.len(), 3);
+    assert_eq!(deleted.len(), 4);
 }
 
 #[test]
@@ -181,7 +187,7 @@ fn a_quiet_directory_scans_to_nothing_and_the_later_file_of_a_duplicate_wins() {
     };
     let mut src = FilesSource::new(dir.path());
     let (applied, _) = src.scan();
-    assert_eq!(applied.len(), 4);
+    assert_eq!(applied.len(), 5);
     let dup: Vec<_> = applied.iter().filter(|o| o.key.name == "dup").collect();
     assert_eq!(dup.len(), 1);
     assert_eq!(port(dup[0]), 2000, "the later path wins");
@@ -220,7 +226,7 @@ async fn the_running_source_feeds_a_store_with_list_then_changes() {
         }
     });
     assert_eventually("first list", Duration::from_secs(5), async || {
-        state.borrow().len() == 3
+        state.borrow().len() == 4
     })
     .await;
 
@@ -238,7 +244,7 @@ async fn the_running_source_feeds_a_store_with_list_then_changes() {
         !s.borrow().keys().any(|k| k.kind == Kind::ServiceExport)
     })
     .await;
-    assert_eq!(state.borrow().len(), 2);
+    assert_eq!(state.borrow().len(), 3);
     task.abort();
     feeder.abort();
 }

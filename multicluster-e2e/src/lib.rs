@@ -632,17 +632,27 @@ impl Harness {
                 ),
             )?;
         }
+        // Objects a real API server accepts (loopback addresses aside):
+        // the instances' labels are on their Pods, which the slice's
+        // endpoints name.
         let mut eps = String::new();
+        let mut pods = Vec::new();
         for w in &hw {
             eps.push_str(&format!(
-                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}\n    zone: {z}\n    targetRef: {{kind: Pod, name: {n}}}\n    labels: {{app: helloworld, version: {v}}}\n",
+                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}\n    zone: {z}\n    targetRef: {{kind: Pod, namespace: {NAMESPACE}, name: {n}}}\n",
                 ip = w.ip,
                 ready = !down.contains(&w.spec.name.as_str()),
                 z = w.spec.zone,
                 n = w.spec.name,
+            ));
+            pods.push(format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {n}\n  namespace: {NAMESPACE}\n  labels: {{app: helloworld, version: {v}}}\n\
+                 spec:\n  serviceAccountName: helloworld\n  containers: [{{name: helloworld, image: isthmus/sample-app}}]\n",
+                n = w.spec.name,
                 v = w.spec.version,
             ));
         }
+        write_atomic(&m.join("helloworld-pods.yaml"), &pods.join("---\n"))?;
         write_atomic(
             &m.join("helloworld-endpoints.yaml"),
             &format!(
