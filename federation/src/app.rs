@@ -2,7 +2,7 @@
 //! at startup), then starts the source, the federation server and
 //! dialers, and the reconciler.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -205,6 +205,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     // read from its API server gets them there.
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let mut source_health = None;
+    let mut observed_exports = None;
     let kube_client = match &config.source {
         SourceConfig::Files { dir } => {
             tokio::spawn(
@@ -218,6 +219,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             let (client, url) = crate::k8s::client(k).await?;
             let source = KubeSource::new(client.clone());
             source_health = Some(source.health());
+            observed_exports = Some(source.observed_exports());
             tokio::spawn(
                 source
                     .run(events_tx)
@@ -228,6 +230,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     };
     let (mut store, mut objects) = Store::new(&Kind::ALL);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+    let (export_states_tx, export_states_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let locality = config.cluster.locality.clone();
     let problem_metric = metrics.config_rejected.clone();
     tokio::spawn(async move {
@@ -258,7 +261,19 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                     let Ok(cat) = tokio::task::spawn_blocking(move || Catalog::build(&snapshot, &locality)).await else {
                         return;
                     };
+                    let mut cat = cat;
                     tracing::debug!(exports = cat.exports.len(), took = ?started.elapsed(), "catalogue built");
+                    // ServiceExport status goes its own way: a status write
+                    // (ours, echoed by the watch) changes nothing else, so
+                    // it must not recompute merges and config pushes.
+                    let states = std::mem::take(&mut cat.export_states);
+                    export_states_tx.send_if_modified(|s| {
+                        let changed = **s != states;
+                        if changed {
+                            *s = Arc::new(states);
+                        }
+                        changed
+                    });
                     let now: BTreeSet<ConfigProblem> = cat.problems.iter().cloned().collect();
                     for p in now.difference(&problems) {
                         tracing::warn!(problem = %p, "configuration object cannot be applied as written");
@@ -267,7 +282,15 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                             .inc();
                     }
                     problems = now;
-                    catalog_tx.send_replace(Arc::new(cat));
+                    // Only a change is news: a relist that finds the same
+                    // cluster (or a status echo) wakes no one.
+                    catalog_tx.send_if_modified(|c| {
+                        let changed = **c != cat;
+                        if changed {
+                            *c = Arc::new(cat);
+                        }
+                        changed
+                    });
                     first.take();
                 }
             }
@@ -401,6 +424,10 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                     client.clone(),
                     shared.cluster.clone(),
                     shared.catalog.clone(),
+                    export_states_rx.clone(),
+                    observed_exports
+                        .clone()
+                        .expect("a kube source observes its ServiceExports"),
                     shared.conflicts.subscribe(),
                     shared.writer.subscribe(),
                     shared.shutdown.clone(),

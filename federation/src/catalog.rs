@@ -56,7 +56,8 @@ pub struct Catalog {
     /// Objects refused or applied in their strictest form.
     pub problems: Vec<ConfigProblem>,
     /// Every ServiceExport: whether it is valid, and the status it shows
-    /// (the kube sink writes what MCS defines from these).
+    /// (the kube sink writes what MCS defines from these). The controller
+    /// takes them out and publishes them apart from the catalogue.
     pub export_states: BTreeMap<ServiceKey, ExportState>,
 }
 
@@ -66,8 +67,6 @@ pub struct ExportState {
     pub generation: u64,
     /// Why it cannot be exported: (MCS reason, message).
     pub invalid: Option<(&'static str, String)>,
-    /// The status conditions the object shows now.
-    pub observed: Vec<crate::objects::ExportCondition>,
 }
 
 /// Pod labels that name one pod or one rollout, not a version of the
@@ -260,12 +259,9 @@ impl Catalog {
             .filter(|o| o.key.kind == Kind::ServiceExport)
         {
             let key = ServiceKey::new(&o.key.namespace, &o.key.name);
-            let (generation, observed) = match &o.body {
-                Body::ServiceExport {
-                    generation,
-                    conditions,
-                } => (*generation, conditions.clone()),
-                _ => (0, Vec::new()),
+            let generation = match &o.body {
+                Body::ServiceExport { generation } => *generation,
+                _ => 0,
             };
             let svc = services.get(&key);
             let invalid = match svc {
@@ -284,7 +280,6 @@ impl Catalog {
                 ExportState {
                     generation,
                     invalid,
-                    observed,
                 },
             );
             let Some(svc) = svc else {

@@ -133,12 +133,12 @@ pub enum Body {
         ports: BTreeMap<String, u16>,
         endpoints: Vec<SliceEndpoint>,
     },
+    /// Its status is not part of the object as the controller keeps it:
+    /// the controller's own status writes come back through the watch,
+    /// and must not rebuild the catalogue (see [`export_conditions`]).
     ServiceExport {
         /// `metadata.generation`, for `observedGeneration`.
         generation: u64,
-        /// `status.conditions` as (type, status, reason, message): what
-        /// the controller wrote last, so it writes only what changed.
-        conditions: Vec<ExportCondition>,
     },
     /// A Pod: its labels are the object's.
     Pod,
@@ -177,6 +177,29 @@ pub struct Object {
     pub created: String,
     pub labels: BTreeMap<String, String>,
     pub body: Body,
+}
+
+/// A ServiceExport manifest's `status.conditions`.
+pub fn export_conditions(doc: &Value) -> Vec<ExportCondition> {
+    doc.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+            ExportCondition {
+                type_: s("type"),
+                status: s("status"),
+                reason: s("reason"),
+                message: s("message"),
+                observed_generation: c
+                    .get("observedGeneration")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                last_transition: s("lastTransitionTime"),
+            }
+        })
+        .collect()
 }
 
 /// Annotations a policy object keeps: they change what it means.
@@ -368,26 +391,6 @@ pub fn parse(doc: &Value) -> Result<Option<Object>, String> {
         }
         Kind::ServiceExport => Body::ServiceExport {
             generation: meta.get("generation").and_then(Value::as_u64).unwrap_or(0),
-            conditions: doc
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|c| {
-                    let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-                    ExportCondition {
-                        type_: s("type"),
-                        status: s("status"),
-                        reason: s("reason"),
-                        message: s("message"),
-                        observed_generation: c
-                            .get("observedGeneration")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(0),
-                        last_transition: s("lastTransitionTime"),
-                    }
-                })
-                .collect(),
         },
         Kind::Pod => Body::Pod,
         Kind::Node => Body::Node {

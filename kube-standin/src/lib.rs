@@ -327,6 +327,15 @@ impl ApiServer {
             .0
     }
 
+    /// How many objects of `resource` satisfy `pred` (seen without their
+    /// managedFields; cheaper than [`list`](Self::list) for polling).
+    pub fn count(&self, resource: &str, pred: impl Fn(&Value) -> bool) -> usize {
+        let Ok(res) = self.resource(resource) else {
+            return 0;
+        };
+        self.inner.lock().count(&res, pred)
+    }
+
     /// Creates or replaces an object from its manifest (a test's setup,
     /// as `kubectl apply --server-side --force-conflicts` would with
     /// field manager `test`).

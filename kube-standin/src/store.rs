@@ -296,6 +296,16 @@ impl Store {
         (out, None)
     }
 
+    /// How many objects of `res` satisfy `pred`.
+    pub fn count(&self, res: &Resource, pred: impl Fn(&Value) -> bool) -> usize {
+        let q = res.qualified();
+        self.objects
+            .range((q.clone(), String::new(), String::new())..)
+            .take_while(|((r, _, _), _)| *r == q)
+            .filter(|(_, s)| pred(&s.obj))
+            .count()
+    }
+
     /// Whether a list or watch may start from `rv`.
     pub fn check_not_compacted(&self, rv: u64) -> Result<(), ApiError> {
         if rv < self.floor {

@@ -118,6 +118,8 @@ pub async fn run(
     client: kube::Client,
     cluster: String,
     mut catalog: watch::Receiver<Arc<Catalog>>,
+    mut states: watch::Receiver<Arc<BTreeMap<ServiceKey, ExportState>>>,
+    mut observed: watch::Receiver<crate::source::kube::ObservedExports>,
     mut conflicts: watch::Receiver<Arc<Vec<Conflict>>>,
     mut leader: watch::Receiver<bool>,
     shutdown: DrainSignal,
@@ -129,17 +131,20 @@ pub async fn run(
     let mut reported: BTreeSet<ServiceKey> = BTreeSet::new();
     let mut resource = None;
     loop {
-        let cat = catalog.borrow_and_update().clone();
+        let listed = catalog.borrow_and_update().listed;
+        let export_states = states.borrow_and_update().clone();
+        let shown = observed.borrow_and_update().clone();
         let conf = conflicts.borrow_and_update().clone();
         let mut failed = false;
-        if cat.listed && *leader.borrow_and_update() {
-            written.retain(|k, _| cat.export_states.contains_key(k));
-            for (key, state) in &cat.export_states {
+        if listed && *leader.borrow_and_update() {
+            written.retain(|k, _| export_states.contains_key(k));
+            for (key, state) in export_states.iter() {
                 let want = desired(key, state, &conf, &cluster);
-                if same(&want, &state.observed)
+                let now_shown = shown.get(key).cloned().unwrap_or_default();
+                if same(&want, &now_shown)
                     || written
                         .get(key)
-                        .is_some_and(|(w, seen)| same(w, &want) && seen == &state.observed)
+                        .is_some_and(|(w, seen)| same(w, &want) && seen == &now_shown)
                 {
                     continue;
                 }
@@ -159,8 +164,7 @@ pub async fn run(
                 let conditions: Vec<_> = want
                     .iter()
                     .map(|c| {
-                        let kept = state
-                            .observed
+                        let kept = now_shown
                             .iter()
                             .find(|o| o.type_ == c.type_ && o.status == c.status)
                             .map(|o| o.last_transition.clone())
@@ -186,7 +190,7 @@ pub async fn run(
                 {
                     Ok(_) => {
                         reported.remove(key);
-                        written.insert(key.clone(), (want, state.observed.clone()));
+                        written.insert(key.clone(), (want, now_shown.clone()));
                     }
                     // Gone meanwhile: the next catalogue drops it.
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -211,6 +215,8 @@ pub async fn run(
         }
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
+            r = states.changed() => if r.is_err() { return },
+            r = observed.changed() => if r.is_err() { return },
             r = conflicts.changed() => if r.is_err() { return },
             r = leader.changed() => {
                 if r.is_err() { return }
@@ -243,7 +249,6 @@ mod tests {
         ExportState {
             generation: 2,
             invalid,
-            observed: Vec::new(),
         }
     }
 

@@ -75,6 +75,9 @@ impl std::fmt::Debug for KubeSink {
     }
 }
 
+/// Writes in flight at once during a pass.
+const WRITE_CONCURRENCY: usize = 8;
+
 fn se_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &kube::core::GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
@@ -153,13 +156,14 @@ impl KubeSink {
     }
 
     /// Makes the ServiceImport of `svc` hold `want` (object, status).
+    /// Returns what it wrote, for the report.
     async fn put_import(
         &self,
         ar: &ApiResource,
         want: &(Value, Value),
         live: Option<&Value>,
-        report: &mut SinkReport,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Option<String>, SinkError> {
+        let mut wrote = None;
         let (ns, name) = name_of(&want.0);
         let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, ar);
         let pp = PatchParams::apply(FIELD_MANAGER);
@@ -167,10 +171,10 @@ impl KubeSink {
         if !live.is_some_and(|l| holds(l, &want.0)) {
             self.may_write()?;
             match api.patch(&name, &pp, &Patch::Apply(&want.0)).await {
-                Ok(_) => report.written.push(format!("ServiceImport {ns}/{name}")),
+                Ok(_) => wrote = Some(format!("ServiceImport {ns}/{name}")),
                 Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                     warn!(service_import = %format!("{ns}/{name}"), error = %s.message, "ServiceImport not written (Isthmus does not force)");
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(e) => return Err(err(e)),
             }
@@ -181,7 +185,7 @@ impl KubeSink {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     warn!(service_import = %format!("{ns}/{name}"), error = %s.message, "ServiceImport status not written (Isthmus does not force)");
-                    return Ok(());
+                    return Ok(wrote);
                 }
                 Err(e) => return Err(err(e)),
             }
@@ -190,6 +194,24 @@ impl KubeSink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((ns, name), want.clone());
+        Ok(wrote)
+    }
+
+    /// Puts each (wanted, live) ServiceImport, up to
+    /// [`WRITE_CONCURRENCY`] at a time.
+    async fn put_imports(
+        &self,
+        ar: &ApiResource,
+        items: Vec<((Value, Value), Option<Value>)>,
+        report: &mut SinkReport,
+    ) -> Result<(), SinkError> {
+        use futures::StreamExt as _;
+        let mut results = futures::stream::iter(items)
+            .map(|(want, live)| async move { self.put_import(ar, &want, live.as_ref()).await })
+            .buffer_unordered(WRITE_CONCURRENCY);
+        while let Some(r) = results.next().await {
+            report.written.extend(r?);
+        }
         Ok(())
     }
 
@@ -215,12 +237,14 @@ impl KubeSink {
             })
             .collect();
         let mut wanted = BTreeSet::new();
+        let mut items = Vec::new();
         for svc in desired.services.values() {
             let want = service_import(svc, &ar.api_version);
             let id = name_of(&want.0);
             wanted.insert(id.clone());
-            self.put_import(&ar, &want, live.get(&id), report).await?;
+            items.push((want, live.get(&id).cloned()));
         }
+        self.put_imports(&ar, items, report).await?;
         for (ns, name) in live.keys().filter(|k| !wanted.contains(*k)) {
             self.may_write()?;
             self.remove_import(&ar, ns, name, report).await?;
@@ -259,6 +283,7 @@ impl KubeSink {
         let Some(ar) = self.service_imports(false).await else {
             return Ok(());
         };
+        let mut items = Vec::new();
         for (k, svc) in &next.services {
             if prev.services.get(k) == Some(svc) {
                 continue;
@@ -278,8 +303,9 @@ impl KubeSink {
                 o["status"] = st["status"].clone();
                 o
             });
-            self.put_import(&ar, &want, live.as_ref(), report).await?;
+            items.push((want, live));
         }
+        self.put_imports(&ar, items, report).await?;
         for k in prev
             .services
             .keys()
@@ -361,33 +387,47 @@ impl KubeSink {
     }
 
     /// Applies `se`, recording the outcome in `report`.
-    async fn write(&self, se: Value, report: &mut SinkReport) -> Result<(), kube::Error> {
-        let id = name_of(&se);
-        match self.put(&se).await? {
-            Put::Written => {
-                report.written.push(format!("{}/{}", id.0, id.1));
-                self.refused
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                self.written
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, se);
-            }
-            Put::Refused(why) => {
-                if self
-                    .refused
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone())
-                {
-                    warn!(error = %why, "import not written");
+    /// Applies `ses`, up to [`WRITE_CONCURRENCY`] at a time (an API
+    /// server across a network is latency-bound, not busy), recording
+    /// each outcome in `report`. Each write checks the Lease first.
+    async fn write_all(&self, ses: Vec<Value>, report: &mut SinkReport) -> Result<(), SinkError> {
+        use futures::StreamExt as _;
+        let mut results = futures::stream::iter(ses)
+            .map(|se| async move {
+                self.may_write()?;
+                let outcome = self.put(&se).await.map_err(|e| self.error("patch", e))?;
+                Ok::<_, SinkError>((se, outcome))
+            })
+            .buffer_unordered(WRITE_CONCURRENCY);
+        while let Some(r) = results.next().await {
+            let (se, outcome) = r?;
+            let id = name_of(&se);
+            match outcome {
+                Put::Written => {
+                    report.written.push(format!("{}/{}", id.0, id.1));
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    self.written
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, se);
                 }
-                self.written
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                Put::Refused(why) => {
+                    if self
+                        .refused
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone())
+                    {
+                        warn!(error = %why, "import not written");
+                    }
+                    self.written
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                }
             }
         }
         Ok(())
@@ -397,6 +437,7 @@ impl KubeSink {
         let live = self.live().await.map_err(|e| self.error("list", e))?;
         let mut report = SinkReport::default();
         let mut wanted = BTreeSet::new();
+        let mut to_write = Vec::new();
         for svc in desired.services.values() {
             let se = service_entry(svc, self.gateway);
             let id = name_of(&se);
@@ -409,11 +450,9 @@ impl KubeSink {
                     .insert(id, se);
                 continue;
             }
-            self.may_write()?;
-            self.write(se, &mut report)
-                .await
-                .map_err(|e| self.error("patch", e))?;
+            to_write.push(se);
         }
+        self.write_all(to_write, &mut report).await?;
         for (ns, name) in live.keys().filter(|k| !wanted.contains(*k)) {
             self.may_write()?;
             if self
@@ -434,6 +473,7 @@ impl KubeSink {
 
     async fn change_pass(&self, prev: &Imports, next: &Imports) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
+        let mut to_write = Vec::new();
         for (k, svc) in &next.services {
             if prev.services.get(k) == Some(svc) {
                 continue;
@@ -449,11 +489,9 @@ impl KubeSink {
                 report.unchanged += 1;
                 continue;
             }
-            self.may_write()?;
-            self.write(se, &mut report)
-                .await
-                .map_err(|e| self.error("patch", e))?;
+            to_write.push(se);
         }
+        self.write_all(to_write, &mut report).await?;
         for k in prev
             .services
             .keys()

@@ -12,23 +12,24 @@
 //! ServiceExport is read at whichever of `v1beta1` / `v1alpha1` the
 //! server serves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use isthmus_core::model::ServiceKey;
 use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::Event;
 use crate::k8s;
-use crate::objects::{Kind, Object, ObjectKey, parse};
+use crate::objects::{ExportCondition, Kind, Object, ObjectKey, export_conditions, parse};
 
 /// How often a kind whose CRD is missing is looked for again.
 pub const MISSING_RECHECK: Duration = Duration::from_secs(15);
@@ -67,11 +68,18 @@ impl SourceHealth {
     }
 }
 
+/// Every ServiceExport's `status.conditions`, by service.
+pub type ObservedExports = BTreeMap<ServiceKey, Vec<ExportCondition>>;
+
 /// Reads a cluster from its API server.
 #[derive(Clone)]
 pub struct KubeSource {
     client: kube::Client,
     health: SourceHealth,
+    /// ServiceExport status, kept apart from the objects: the
+    /// controller's own status writes echo back through the watch, and
+    /// must not rebuild the catalogue.
+    observed: Arc<watch::Sender<ObservedExports>>,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -87,7 +95,33 @@ impl KubeSource {
         Self {
             client,
             health: SourceHealth::default(),
+            observed: Arc::new(watch::channel(ObservedExports::new()).0),
         }
+    }
+
+    /// The ServiceExports' status as the API server shows it.
+    pub fn observed_exports(&self) -> watch::Receiver<ObservedExports> {
+        self.observed.subscribe()
+    }
+
+    /// Records a ServiceExport's status (`None`: deleted).
+    fn observe(&self, v: &Value, present: bool) {
+        let Some(key) = key(Kind::ServiceExport, v) else {
+            return;
+        };
+        let key = ServiceKey::new(&key.namespace, &key.name);
+        let conditions = export_conditions(v);
+        self.observed.send_if_modified(|m| {
+            if present {
+                if m.get(&key) == Some(&conditions) {
+                    return false;
+                }
+                m.insert(key, conditions);
+                true
+            } else {
+                m.remove(&key).is_some()
+            }
+        });
     }
 
     pub fn health(&self) -> SourceHealth {
@@ -135,13 +169,23 @@ impl KubeSource {
             self.health.set(kind, &resource, "listing", None);
             let mut events = self.stream(kind, &ar);
             let mut last_error = String::new();
+            // ServiceExports seen in a list in progress.
+            let mut listed_exports = BTreeSet::new();
             let missing = loop {
                 let Some(item) = events.next().await else {
                     return;
                 };
                 let sent = match item {
-                    Ok(WatchEvent::Init) => tx.send(Event::Init(kind)).await,
+                    Ok(WatchEvent::Init) => {
+                        listed_exports.clear();
+                        tx.send(Event::Init(kind)).await
+                    }
                     Ok(WatchEvent::InitApply(v)) => match object(kind, &v) {
+                        Some(o) if kind == Kind::ServiceExport => {
+                            listed_exports.insert(ServiceKey::new(&o.key.namespace, &o.key.name));
+                            self.observe(&v, true);
+                            tx.send(Event::InitApply(o)).await
+                        }
                         Some(o) => tx.send(Event::InitApply(o)).await,
                         None => Ok(()),
                     },
@@ -152,14 +196,32 @@ impl KubeSource {
                         last_error.clear();
                         published = true;
                         self.health.set(kind, &resource, "synced", None);
+                        if kind == Kind::ServiceExport {
+                            let seen = std::mem::take(&mut listed_exports);
+                            self.observed.send_if_modified(|m| {
+                                let before = m.len();
+                                m.retain(|k, _| seen.contains(k));
+                                m.len() != before
+                            });
+                        }
                         tx.send(Event::InitDone(kind)).await
                     }
                     Ok(WatchEvent::Apply(v)) => match object(kind, &v) {
-                        Some(o) => tx.send(Event::Apply(o)).await,
+                        Some(o) => {
+                            if kind == Kind::ServiceExport {
+                                self.observe(&v, true);
+                            }
+                            tx.send(Event::Apply(o)).await
+                        }
                         None => Ok(()),
                     },
                     Ok(WatchEvent::Delete(v)) => match key(kind, &v) {
-                        Some(k) => tx.send(Event::Delete(k)).await,
+                        Some(k) => {
+                            if kind == Kind::ServiceExport {
+                                self.observe(&v, false);
+                            }
+                            tx.send(Event::Delete(k)).await
+                        }
                         None => Ok(()),
                     },
                     Err(e) => {

@@ -162,10 +162,7 @@ mod tests {
             },
             created: String::new(),
             labels: Default::default(),
-            body: Body::ServiceExport {
-                generation: 1,
-                conditions: Vec::new(),
-            },
+            body: Body::ServiceExport { generation: 1 },
         })
     }
 
