@@ -328,12 +328,17 @@ async fn memory(services: usize) -> (f64, f64) {
     let t = Instant::now();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
         .args(["controller", "--config", cfg.to_str().unwrap()])
-        .env("ISTHMUS_LOG", "error")
+        .env("ISTHMUS_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     loop {
-        let text = isthmus_e2e::kit::scrape(metrics).await;
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the controller exited: {status}");
+        }
+        let text = isthmus_core::admin::http_get(metrics, "/metrics")
+            .await
+            .unwrap_or_default();
         if isthmus_e2e::kit::metric(&text, "isthmus_federation_services_exported", &[])
             >= services as f64
         {

@@ -423,13 +423,15 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                 crate::sink::export_status::run(
                     client.clone(),
                     shared.cluster.clone(),
-                    shared.catalog.clone(),
-                    export_states_rx.clone(),
-                    observed_exports
-                        .clone()
-                        .expect("a kube source observes its ServiceExports"),
-                    shared.conflicts.subscribe(),
-                    shared.writer.subscribe(),
+                    crate::sink::export_status::Inputs {
+                        catalog: shared.catalog.clone(),
+                        states: export_states_rx.clone(),
+                        observed: observed_exports
+                            .clone()
+                            .expect("a kube source observes its ServiceExports"),
+                        conflicts: shared.conflicts.subscribe(),
+                        leader: shared.writer.subscribe(),
+                    },
                     shared.shutdown.clone(),
                 )
                 .instrument(info_span!("export_status")),

@@ -326,6 +326,18 @@ pub struct PeerFile {
 }
 
 impl PeerFile {
+    /// A peer to link with by redeeming `token` (the joining side).
+    pub fn pending(token: &Token) -> Self {
+        Self {
+            name: token.payload.cluster.clone(),
+            address: token.payload.address.clone(),
+            trust_domain: token.payload.trust_domain.clone(),
+            trust_bundle_pem: String::new(),
+            pending_token: Some(token.encoded.clone()),
+            link_error: None,
+        }
+    }
+
     pub fn path(state_dir: &Path, name: &str) -> PathBuf {
         state_dir.join("peers").join(format!("{name}.yaml"))
     }

@@ -101,22 +101,23 @@ impl StateStore {
         }
     }
 
-    fn secrets(&self) -> Option<(Api<Secret>, &str)> {
+    /// The Secrets API and namespace, or the state directory.
+    fn secrets(&self) -> Result<(Api<Secret>, &str), &std::path::Path> {
         match self {
-            StateStore::Dir(_) => None,
+            StateStore::Dir(d) => Err(d),
             StateStore::Secrets { client, namespace } => {
-                Some((Api::namespaced(client.clone(), namespace), namespace))
+                Ok((Api::namespaced(client.clone(), namespace), namespace))
             }
         }
     }
 
     /// Every linked (or pending) peer.
     pub async fn peers(&self) -> Result<Vec<PeerFile>, String> {
-        let Some((api, _)) = self.secrets() else {
-            let StateStore::Dir(d) = self else {
-                unreachable!()
-            };
-            return Ok(PeerFile::load_all(d));
+        let (api, _) = match self.secrets() {
+            Ok(s) => s,
+            Err(d) => {
+                return Ok(PeerFile::load_all(d));
+            }
         };
         let list = api
             .list(&ListParams::default().labels(&format!("{STATE_LABEL}=peer")))
@@ -145,11 +146,11 @@ impl StateStore {
 
     /// Records a peer (new, linked, or failed).
     pub async fn write_peer(&self, p: &PeerFile) -> Result<(), String> {
-        let Some((api, ns)) = self.secrets() else {
-            let StateStore::Dir(d) = self else {
-                unreachable!()
-            };
-            return p.write(d).map_err(|e| e.to_string());
+        let (api, ns) = match self.secrets() {
+            Ok(s) => s,
+            Err(d) => {
+                return p.write(d).map_err(|e| e.to_string());
+            }
         };
         let text = serde_saphyr::to_string(p).map_err(|e| e.to_string())?;
         let secret = state_secret(
@@ -171,11 +172,11 @@ impl StateStore {
 
     /// Records a newly created token.
     pub async fn add_token(&self, t: &Token) -> Result<(), String> {
-        let Some((api, ns)) = self.secrets() else {
-            let StateStore::Dir(d) = self else {
-                unreachable!()
-            };
-            return TokenStore::new(d).add(t).map_err(|e| e.to_string());
+        let (api, ns) = match self.secrets() {
+            Ok(s) => s,
+            Err(d) => {
+                return TokenStore::new(d).add(t).map_err(|e| e.to_string());
+            }
         };
         // Forget tokens that expired a day ago or more.
         if let Ok(old) = api
@@ -217,11 +218,11 @@ impl StateStore {
         joining_cluster: &str,
         proof: &[u8],
     ) -> Result<(), TokenError> {
-        let Some((api, _)) = self.secrets() else {
-            let StateStore::Dir(d) = self else {
-                unreachable!()
-            };
-            return TokenStore::new(d).redeem(token_id, presented, joining_cluster, proof);
+        let (api, _) = match self.secrets() {
+            Ok(s) => s,
+            Err(d) => {
+                return TokenStore::new(d).redeem(token_id, presented, joining_cluster, proof);
+            }
         };
         if token_id.is_empty() || !token_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(TokenError::Unknown(token_id.to_owned()));
@@ -372,14 +373,7 @@ pub async fn apply_token(
         client: client.clone(),
         namespace: namespace.to_owned(),
     }
-    .write_peer(&PeerFile {
-        name: token.payload.cluster.clone(),
-        address: token.payload.address.clone(),
-        trust_domain: token.payload.trust_domain.clone(),
-        trust_bundle_pem: String::new(),
-        pending_token: Some(token.encoded.clone()),
-        link_error: None,
-    })
+    .write_peer(&PeerFile::pending(token))
     .await?;
     Ok(info.cluster)
 }

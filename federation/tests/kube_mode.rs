@@ -104,6 +104,13 @@ impl Kube {
     }
 }
 
+/// Two clusters, each with its own API stand-in.
+async fn east_and_west(root: &Path) -> (Kube, Kube) {
+    let east = Kube::new(root, "east", "us-east1", ApiServer::start().await.unwrap()).await;
+    let west = Kube::new(root, "west", "us-west1", ApiServer::start().await.unwrap()).await;
+    (east, west)
+}
+
 /// A Service with `pods` ready endpoints whose Pods carry `version`, a
 /// Node with its topology labels, and (optionally) the ServiceExport:
 /// objects a real API server accepts (loopback addresses aside).
@@ -154,20 +161,7 @@ fn pair(a: &str, b: &str) -> Option<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_exported_with_kubectl_in_one_cluster_is_a_service_entry_in_the_other() {
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
-    let west = Kube::new(
-        root.path(),
-        "west",
-        "us-west1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let (east, west) = east_and_west(root.path()).await;
     west.apply(&workload("web", 80, 2, "v2", true)).await;
     let _e = east.start(&[&west]).await;
     let w = west.start(&[&east]).await;
@@ -346,20 +340,7 @@ async fn export_status_names_what_is_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_entry_owned_by_another_manager_is_reported_not_forced() {
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
-    let west = Kube::new(
-        root.path(),
-        "west",
-        "us-west1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let (east, west) = east_and_west(root.path()).await;
     west.apply(&workload("web", 80, 1, "v1", true)).await;
     west.apply(&workload("api", 81, 1, "v1", true)).await;
     // Someone else's ServiceEntry, with Isthmus's name and other hosts.
@@ -385,20 +366,7 @@ async fn a_service_entry_owned_by_another_manager_is_reported_not_forced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_outage_keeps_the_last_state_and_a_relist_collects_what_was_missed() {
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
-    let west = Kube::new(
-        root.path(),
-        "west",
-        "us-west1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let (east, west) = east_and_west(root.path()).await;
     west.apply(&workload("web", 80, 1, "v1", true)).await;
     west.apply(&workload("api", 81, 1, "v1", true)).await;
     let _e = east.start(&[&west]).await;
@@ -641,20 +609,7 @@ async fn the_ca_signs_what_a_token_review_proves() {
 async fn links_live_in_secrets_and_survive_a_restart() {
     use isthmus_federation::state_store::{apply_token, create_token};
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
-    let west = Kube::new(
-        root.path(),
-        "west",
-        "us-west1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let (east, west) = east_and_west(root.path()).await;
     let e = east.start(&[]).await;
     let _w = west.start(&[]).await;
     let source = |k: &Kube| KubeSource {

@@ -589,7 +589,7 @@ impl Store {
         res: &Resource,
         ns: &str,
         name: &str,
-        mut obj: Value,
+        obj: Value,
         status: bool,
         ctx: &WriteCtx,
     ) -> Result<Value, ApiError> {
@@ -607,25 +607,7 @@ impl Store {
         {
             return Err(conflict_rv(res, name));
         }
-        let merged = Self::scoped_replace(res, &old.obj, &mut obj, status);
-        let mut managed = old.managed.clone();
-        Self::take_changed(
-            &mut managed,
-            &old.obj,
-            &merged,
-            res,
-            Self::scope(res, status),
-            &ctx.manager,
-        );
-        Ok(self.commit(
-            res,
-            Stored {
-                obj: merged,
-                managed,
-            },
-            Some(&old),
-            ctx,
-        ))
+        self.replace_checked(res, name, old, obj, status, ctx)
     }
 
     /// The object after a write of `new` in the given scope: the server's

@@ -137,14 +137,7 @@ pub fn run(cmd: LinkCommand) -> anyhow::Result<()> {
                     token.payload.cluster
                 );
             }
-            let file = PeerFile {
-                name: token.payload.cluster.clone(),
-                address: token.payload.address.clone(),
-                trust_domain: token.payload.trust_domain.clone(),
-                trust_bundle_pem: String::new(),
-                pending_token: Some(token.encoded.clone()),
-                link_error: None,
-            };
+            let file = PeerFile::pending(&token);
             file.write(&config.state_dir).with_context(|| {
                 format!("cannot record the peer in {}", config.state_dir.display())
             })?;

@@ -112,18 +112,31 @@ fn same(a: &[ExportCondition], b: &[ExportCondition]) -> bool {
     a == b
 }
 
+/// What the status writer follows.
+#[derive(Debug)]
+pub struct Inputs {
+    /// Whether the cluster has been listed.
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// Each ServiceExport as the catalogue judged it.
+    pub states: watch::Receiver<Arc<BTreeMap<ServiceKey, ExportState>>>,
+    /// The status each ServiceExport shows now.
+    pub observed: watch::Receiver<crate::source::kube::ObservedExports>,
+    /// The last merge's conflicts.
+    pub conflicts: watch::Receiver<Arc<Vec<Conflict>>>,
+    /// Whether this replica holds the leader Lease.
+    pub leader: watch::Receiver<bool>,
+}
+
 /// Keeps every ServiceExport's status true to the catalogue and the
 /// conflicts of the last merge.
-pub async fn run(
-    client: kube::Client,
-    cluster: String,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
-    mut states: watch::Receiver<Arc<BTreeMap<ServiceKey, ExportState>>>,
-    mut observed: watch::Receiver<crate::source::kube::ObservedExports>,
-    mut conflicts: watch::Receiver<Arc<Vec<Conflict>>>,
-    mut leader: watch::Receiver<bool>,
-    shutdown: DrainSignal,
-) {
+pub async fn run(client: kube::Client, cluster: String, inputs: Inputs, shutdown: DrainSignal) {
+    let Inputs {
+        mut catalog,
+        mut states,
+        mut observed,
+        mut conflicts,
+        mut leader,
+    } = inputs;
     // What was written, with what the object showed then: not written
     // again until one of the two changes.
     let mut written: BTreeMap<ServiceKey, (Vec<ExportCondition>, Vec<ExportCondition>)> =
