@@ -166,7 +166,16 @@ impl KubeSource {
             };
             let ar = k8s::api_resource(kind, version.as_deref());
             let resource = k8s::qualified(&ar);
-            self.health.set(kind, &resource, "listing", None);
+            // A kind found missing stays reported so until it lists (no
+            // flapping back to "listing", no error logged again).
+            let missing_before = self
+                .health
+                .snapshot()
+                .get(&kind)
+                .is_some_and(|h| h.state == "not installed");
+            if !missing_before {
+                self.health.set(kind, &resource, "listing", None);
+            }
             let mut events = self.stream(kind, &ar);
             let mut last_error = String::new();
             // ServiceExports seen in a list in progress.
