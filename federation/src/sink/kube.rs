@@ -528,7 +528,8 @@ impl Sink for KubeSink {
     fn seed(&self) -> Seed {
         let mut out = Seed::new();
         // Called on the runtime at startup: the list runs on its own
-        // thread so this one can block.
+        // thread so this one can block, and for 5 s at most (an API
+        // server down at startup must not hold the controller up).
         let (client, se) = (self.client.clone(), self.se.clone());
         let listed = std::thread::scope(|s| {
             s.spawn(|| {
@@ -536,20 +537,23 @@ impl Sink for KubeSink {
                     let api: Api<DynamicObject> = Api::all_with(client, &se);
                     let lp =
                         ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-                    api.list(&lp).await
+                    tokio::time::timeout(std::time::Duration::from_secs(5), api.list(&lp)).await
                 })
             })
             .join()
         });
         match listed {
-            Ok(Ok(list)) => {
+            Ok(Err(_)) => warn!(
+                "reading back earlier imports timed out (is the API server up?); peers' services are rewritten as they arrive"
+            ),
+            Ok(Ok(Ok(list))) => {
                 for o in list.items {
                     if let Ok(v) = serde_json::to_value(o) {
                         read_back(&v, &mut out);
                     }
                 }
             }
-            Ok(Err(e)) => warn!(
+            Ok(Ok(Err(e))) => warn!(
                 error = %k8s::explain(&e, "list", "serviceentries.networking.istio.io"),
                 "cannot read back earlier imports; peers' services are rewritten as they arrive"
             ),
