@@ -92,7 +92,16 @@ pub async fn run(
     let mut observed: Option<(String, Instant)> = None;
     let mut reported = String::new();
     loop {
-        let attempt = try_once(&api, &cfg, &me, &mut observed).await;
+        // Bounded: an API server that hangs must not keep this replica
+        // writing past its Lease.
+        let attempt =
+            match tokio::time::timeout(retry, try_once(&api, &cfg, &me, &mut observed)).await {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(e)) => Err(k8s::explain(&e, "update", "leases.coordination.k8s.io")),
+                Err(_) => Err(format!(
+                    "the API server did not answer within {retry:?} (leases.coordination.k8s.io)"
+                )),
+            };
         match attempt {
             Ok(Attempt::Held) => {
                 if last_held.is_none() {
@@ -109,8 +118,7 @@ pub async fn run(
                 }
                 leader.send_if_modified(|l| std::mem::replace(l, false));
             }
-            Err(e) => {
-                let message = k8s::explain(&e, "update", "leases.coordination.k8s.io");
+            Err(message) => {
                 if reported != message {
                     warn!(error = %message, "leader election");
                     reported = message;

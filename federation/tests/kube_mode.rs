@@ -693,3 +693,30 @@ fn base64_decode(s: &str) -> String {
     use base64::Engine as _;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_api_server_stops_writing_before_its_lease_expires() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Kube::new(
+        root.path(),
+        "east",
+        "us-east1",
+        ApiServer::start().await.unwrap(),
+    )
+    .await;
+    let e = east.start(&[]).await;
+    assert_eventually("east leads", WAIT, async || *e.shared.writer.borrow()).await;
+    east.api.stop().await;
+    let cut = std::time::Instant::now();
+    // The Lease lasts 2 s: writes stop within two thirds of that after the
+    // last renewal (one renewal period may have passed before the cut).
+    assert_eventually("writes stop", Duration::from_secs(3), async || {
+        !*e.shared.writer.borrow()
+    })
+    .await;
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+}

@@ -205,8 +205,9 @@ pub async fn run(client: kube::Client, cluster: String, inputs: Inputs, shutdown
                         reported.remove(key);
                         written.insert(key.clone(), (want, now_shown.clone()));
                     }
-                    // Gone meanwhile: the next catalogue drops it.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    // Gone meanwhile (the next catalogue drops it), or the
+                    // MCS version changed: look the version up again.
+                    Err(kube::Error::Api(s)) if s.code == 404 => resource = None,
                     Err(e) => {
                         let conflict = k8s::status_code(&e) == Some(409);
                         if reported.insert(key.clone()) {
