@@ -404,7 +404,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             let identity = crate::leader::identity();
             leader_dump = Some(LeaderDump {
                 identity: identity.clone(),
-                lease: format!("{}/{}", k.leader_election.namespace, k.leader_election.name),
+                lease: format!("{}/{}", k.namespace, k.leader_election.name),
                 writer: shared.writer.subscribe(),
             });
             tokio::spawn(
@@ -412,6 +412,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
                     .clone()
                     .release_after(crate::leader::run(
                         client.clone(),
+                        k.namespace.clone(),
                         k.leader_election.clone(),
                         identity.clone(),
                         shared.writer.clone(),

@@ -23,14 +23,19 @@ pub const DEFAULT_STALE_LEASE: Duration = Duration::from_secs(300);
 /// linked peers unless `stateDir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/isthmus";
 
+/// The controller's namespace: the pod's (`POD_NAMESPACE`, from the
+/// downward API), else `isthmus-system`.
+fn default_namespace() -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "isthmus-system".into())
+}
+
 impl Default for KubeSource {
     fn default() -> Self {
-        let leader_election = crate::leader::LeaseConfig::default();
         Self {
             kubeconfig: None,
             context: None,
-            namespace: leader_election.namespace.clone(),
-            leader_election,
+            namespace: default_namespace(),
+            leader_election: crate::leader::LeaseConfig::default(),
             gateway_service_account: DEFAULT_GATEWAY_SA
                 .split_once('/')
                 .map(|(a, b)| (a.to_owned(), b.to_owned()))
@@ -144,10 +149,9 @@ impl FromConfig for ControllerConfig {
         let kube = src.has("kube").then(|| {
             let k = src.object("kube");
             let defaults = crate::leader::LeaseConfig::default();
-            let namespace: String = k.or("namespace", defaults.namespace.clone());
+            let namespace: String = k.or("namespace", default_namespace());
             let le = k.object("leaderElection");
             let leader_election = crate::leader::LeaseConfig {
-                namespace: namespace.clone(),
                 name: le.or("name", defaults.name),
                 lease_duration: le.or("leaseDuration", defaults.lease_duration),
             };

@@ -25,12 +25,11 @@ use tracing::{info, warn};
 
 use crate::k8s;
 
-/// Where the Lease is (the controller's namespace) and how long it lasts
-/// (`source.kube.leaderElection: {name, leaseDuration}`).
+/// The Lease's name (in the controller's namespace) and how long it
+/// lasts (`source.kube.leaderElection: {name, leaseDuration}`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseConfig {
-    pub namespace: String,
     pub name: String,
     pub lease_duration: Duration,
 }
@@ -43,7 +42,6 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 impl Default for LeaseConfig {
     fn default() -> Self {
         Self {
-            namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "isthmus-system".into()),
             name: DEFAULT_LEASE_NAME.into(),
             lease_duration: DEFAULT_LEASE_DURATION,
         }
@@ -79,12 +77,13 @@ enum Attempt {
 /// write on `leader`.
 pub async fn run(
     client: kube::Client,
+    namespace: String,
     cfg: LeaseConfig,
     me: String,
     leader: watch::Sender<bool>,
     shutdown: DrainSignal,
 ) {
-    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
     let retry = cfg.lease_duration / 3;
     let renew_deadline = cfg.lease_duration * 2 / 3;
     let mut last_held: Option<Instant> = None;
@@ -105,7 +104,7 @@ pub async fn run(
         match attempt {
             Ok(Attempt::Held) => {
                 if last_held.is_none() {
-                    info!(lease = %format!("{}/{}", cfg.namespace, cfg.name), identity = %me, "became the leader: this replica writes");
+                    info!(lease = %format!("{namespace}/{}", cfg.name), identity = %me, "became the leader: this replica writes");
                 }
                 last_held = Some(Instant::now());
                 reported.clear();
@@ -154,7 +153,7 @@ async fn try_once(
         let fresh = Lease {
             metadata: ObjectMeta {
                 name: Some(cfg.name.clone()),
-                namespace: Some(cfg.namespace.clone()),
+                namespace: api.namespace().map(str::to_owned),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {

@@ -46,6 +46,11 @@ impl Kube {
         }
     }
 
+    /// A cluster with an API stand-in of its own.
+    async fn fresh(root: &Path, name: &str, region: &str) -> Self {
+        Self::new(root, name, region, ApiServer::start().await.unwrap()).await
+    }
+
     fn config(&self, peers: &[&Kube]) -> ControllerConfig {
         let peers: Vec<(&TestCluster, ExportPolicy)> = peers
             .iter()
@@ -57,7 +62,6 @@ impl Kube {
             context: None,
             namespace: "isthmus-system".into(),
             leader_election: LeaseConfig {
-                namespace: "isthmus-system".into(),
                 name: "isthmus-controller".into(),
                 lease_duration: Duration::from_secs(2),
             },
@@ -106,8 +110,8 @@ impl Kube {
 
 /// Two clusters, each with its own API stand-in.
 async fn east_and_west(root: &Path) -> (Kube, Kube) {
-    let east = Kube::new(root, "east", "us-east1", ApiServer::start().await.unwrap()).await;
-    let west = Kube::new(root, "west", "us-west1", ApiServer::start().await.unwrap()).await;
+    let east = Kube::fresh(root, "east", "us-east1").await;
+    let west = Kube::fresh(root, "west", "us-west1").await;
     (east, west)
 }
 
@@ -294,13 +298,7 @@ async fn a_service_exported_with_kubectl_in_one_cluster_is_a_service_entry_in_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_status_names_what_is_wrong() {
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let east = Kube::fresh(root.path(), "east", "us-east1").await;
     east.apply(
         "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ghost, namespace: sample}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: sample}\nspec: {type: ExternalName, externalName: db.example.com}\n---\n\
@@ -697,13 +695,7 @@ fn base64_decode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_api_server_stops_writing_before_its_lease_expires() {
     let root = tempfile::tempdir().unwrap();
-    let east = Kube::new(
-        root.path(),
-        "east",
-        "us-east1",
-        ApiServer::start().await.unwrap(),
-    )
-    .await;
+    let east = Kube::fresh(root.path(), "east", "us-east1").await;
     let e = east.start(&[]).await;
     assert_eventually("east leads", WAIT, async || *e.shared.writer.borrow()).await;
     east.api.stop().await;

@@ -250,6 +250,14 @@ impl Store {
         )
     }
 
+    /// The stored object a write starts from.
+    fn existing(&self, res: &Resource, ns: &str, name: &str) -> Result<Stored, ApiError> {
+        self.objects
+            .get(&Self::key(res, ns, name))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+
     pub fn get(&self, res: &Resource, ns: &str, name: &str) -> Result<Value, ApiError> {
         self.objects
             .get(&Self::key(res, ns, name))
@@ -593,20 +601,8 @@ impl Store {
         status: bool,
         ctx: &WriteCtx,
     ) -> Result<Value, ApiError> {
-        let key = Self::key(res, ns, name);
-        let old = self
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(res, name))?;
-        if let Some(rv) = obj["metadata"]["resourceVersion"].as_str()
-            && rv
-                != old.obj["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or("")
-        {
-            return Err(conflict_rv(res, name));
-        }
+        let old = self.existing(res, ns, name)?;
+        check_resource_version(res, name, &obj, &old.obj)?;
         self.replace_checked(res, name, old, obj, status, ctx)
     }
 
@@ -665,19 +661,8 @@ impl Store {
         status: bool,
         ctx: &WriteCtx,
     ) -> Result<Value, ApiError> {
-        let old = self
-            .objects
-            .get(&Self::key(res, ns, name))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(res, name))?;
-        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
-            && rv
-                != old.obj["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or("")
-        {
-            return Err(conflict_rv(res, name));
-        }
+        let old = self.existing(res, ns, name)?;
+        check_resource_version(res, name, patch, &old.obj)?;
         let mut new = old.obj.clone();
         json_merge(&mut new, patch);
         self.replace_checked(res, name, old, new, status, ctx)
@@ -693,11 +678,7 @@ impl Store {
         status: bool,
         ctx: &WriteCtx,
     ) -> Result<Value, ApiError> {
-        let old = self
-            .objects
-            .get(&Self::key(res, ns, name))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(res, name))?;
+        let old = self.existing(res, ns, name)?;
         let mut new = old.obj.clone();
         for op in ops.as_array().ok_or_else(|| {
             ApiError::new(400, "BadRequest", "a JSON patch is a list of operations")
@@ -954,6 +935,22 @@ fn check_name(res: &Resource, name: &str) -> Result<(), ApiError> {
                 res.kind
             ),
         ))
+    }
+}
+
+/// Optimistic concurrency: a write that names a resourceVersion applies
+/// only to that version.
+fn check_resource_version(
+    res: &Resource,
+    name: &str,
+    write: &Value,
+    live: &Value,
+) -> Result<(), ApiError> {
+    match write["metadata"]["resourceVersion"].as_str() {
+        Some(rv) if rv != live["metadata"]["resourceVersion"].as_str().unwrap_or("") => {
+            Err(conflict_rv(res, name))
+        }
+        _ => Ok(()),
     }
 }
 
