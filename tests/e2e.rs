@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use isthmus_e2e::{Client, Harness, demo_clusters};
+use isthmus_e2e::{Client, Harness, demo_clusters, failures};
 
 /// Each scenario runs ~15 processes; on 2 cores they run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -25,7 +25,7 @@ async fn three_clusters(dir: &Path) -> Harness {
     h
 }
 
-const URL: &str = "http://helloworld.sample.svc.cluster.local:5000/hello";
+use isthmus_e2e::HELLO_URL as URL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_cluster_call_keeps_the_callers_identity() {
@@ -48,51 +48,6 @@ async fn a_cross_cluster_call_keeps_the_callers_identity() {
     );
 }
 
-/// The answering cluster, or `FAILED <status> <body>`.
-fn label(a: &isthmus_e2e::Answer) -> String {
-    if a.ok() {
-        a.cluster().unwrap_or("?").to_owned()
-    } else {
-        format!("FAILED {} {}", a.status, a.body.trim())
-    }
-}
-
-/// Sends `n` requests from `cluster`'s client, 20 ms apart; returns the
-/// answering cluster of each ("" for a failure).
-async fn traffic(h: &Harness, cluster: &str, n: usize) -> Vec<String> {
-    let mut c = Client::new(h.cluster(cluster).client().outbound());
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(label(&c.get(URL).await));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    out
-}
-
-fn failures(answers: &[String]) -> Vec<&String> {
-    answers.iter().filter(|a| a.starts_with("FAILED")).collect()
-}
-
-/// Polls until `check` holds for the answers of a short burst.
-async fn until(
-    h: &Harness,
-    cluster: &str,
-    what: &str,
-    check: impl Fn(&[String]) -> bool,
-) -> Duration {
-    let t = std::time::Instant::now();
-    loop {
-        let a = traffic(h, cluster, 5).await;
-        if check(&a) {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{what}: still {a:?} after 20 s"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
     let _serial = SERIAL.lock().await;
@@ -100,7 +55,7 @@ async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
     let mut h = three_clusters(dir.path()).await;
     let mut all = Vec::new();
     // east's client is in us-east1-a: its zone's instance answers.
-    let a = traffic(&h, "east", 10).await;
+    let a = h.traffic("east", 10).await;
     assert!(a.iter().all(|x| x == "east"), "{a:?}");
     let inst = |h: &Harness| {
         h.cluster("east")
@@ -111,12 +66,12 @@ async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
             .hits()
     };
     let before = inst(&h);
-    traffic(&h, "east", 10).await;
+    h.traffic("east", 10).await;
     assert_eq!(inst(&h) - before, 10, "same zone first");
 
     // Zone a dies: zone b of the same region, zero failures.
     h.kill_instance("east", "helloworld-v1-0").unwrap();
-    let a = traffic(&h, "east", 20).await;
+    let a = h.traffic("east", 20).await;
     assert!(failures(&a).is_empty(), "{a:?}");
     assert!(a.iter().all(|x| x == "east"), "{a:?}");
     all.extend(a);
@@ -124,7 +79,7 @@ async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
     // Region us-east1 dies: west (the DestinationRule's failover target),
     // not eu.
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    let a = traffic(&h, "east", 30).await;
+    let a = h.traffic("east", 30).await;
     assert!(failures(&a).is_empty(), "{a:?}");
     assert!(a.iter().all(|x| x == "west"), "{a:?}");
     all.extend(a);
@@ -132,16 +87,18 @@ async fn failover_goes_zone_then_region_then_other_region_and_fails_back() {
     // West dies too: eu.
     h.kill_instance("west", "helloworld-v1-0").unwrap();
     h.kill_instance("west", "helloworld-v2-0").unwrap();
-    let a = traffic(&h, "east", 30).await;
+    let a = h.traffic("east", 30).await;
     assert!(failures(&a).is_empty(), "{a:?}");
-    let took = until(&h, "east", "moves to eu", |a| a.iter().all(|x| x == "eu")).await;
+    let took = h
+        .until("east", "moves to eu", |a| a.iter().all(|x| x == "eu"))
+        .await;
     assert!(took < Duration::from_secs(5), "{took:?}");
     all.extend(a);
 
     // Failback: east's instances return and take the traffic again.
     h.revive_instance("east", "helloworld-v1-0").await.unwrap();
     h.revive_instance("east", "helloworld-v1-1").await.unwrap();
-    until(&h, "east", "fails back to east", |a| {
+    h.until("east", "fails back to east", |a| {
         a.iter().all(|x| x == "east")
     })
     .await;
@@ -156,10 +113,8 @@ async fn a_killed_gateway_process_costs_zero_failed_new_requests() {
     // east has no instance left: its traffic crosses to west.
     h.kill_instance("east", "helloworld-v1-0").unwrap();
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    until(&h, "east", "crosses to west", |a| {
-        a.iter().all(|x| x == "west")
-    })
-    .await;
+    h.until("east", "crosses to west", |a| a.iter().all(|x| x == "west"))
+        .await;
     // Steady traffic while west's gateway process is SIGKILLed.
     let load = {
         let proxy = h.cluster("east").client().outbound();
@@ -167,7 +122,7 @@ async fn a_killed_gateway_process_costs_zero_failed_new_requests() {
             let mut c = Client::new(proxy);
             let mut out = Vec::new();
             for _ in 0..150 {
-                out.push(label(&c.get(URL).await));
+                out.push(c.get(URL).await.label());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             out
@@ -238,7 +193,7 @@ async fn export_and_unexport_propagate_and_a_controller_restart_loses_no_import(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let a = traffic(&h, "east", 5).await;
+    let a = h.traffic("east", 5).await;
     assert!(failures(&a).is_empty(), "{a:?}");
     h.start_controller("east").unwrap();
     isthmus_e2e::wait_ready(
@@ -347,20 +302,20 @@ async fn netns_a_partition_makes_the_peer_stale_then_withdrawn_and_traffic_moves
     .stale_lease(Duration::from_secs(6))
     .unwrap();
     h.start_all(Duration::from_secs(30)).await.unwrap();
-    let a = traffic(&h, "east", 5).await;
+    let a = h.traffic("east", 5).await;
     assert!(a.iter().all(|x| x == "east"), "{a:?}");
     // East's instances gone: west serves (the failover target).
     h.kill_instance("east", "helloworld-v1-0").unwrap();
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    until(&h, "east", "crosses to west", |a| {
-        a.iter().all(|x| x == "west")
-    })
-    .await;
+    h.until("east", "crosses to west", |a| a.iter().all(|x| x == "west"))
+        .await;
 
     // Partition east from west (iptables DROP inside both namespaces).
     let cut = std::time::Instant::now();
     h.partition("east", "west").unwrap();
-    let moved = until(&h, "east", "moves to eu", |a| a.iter().all(|x| x == "eu")).await;
+    let moved = h
+        .until("east", "moves to eu", |a| a.iter().all(|x| x == "eu"))
+        .await;
     assert!(moved < Duration::from_secs(3), "moved after {moved:?}");
     // The control plane: west stale, then withdrawn after the lease.
     while h.peer_stale("east", "west").await != Some(true) {
@@ -386,7 +341,7 @@ async fn netns_a_partition_makes_the_peer_stale_then_withdrawn_and_traffic_moves
     eprintln!(
         "partition: traffic moved in {moved:?}, west stale after {stale_after:?}, withdrawn after {withdrawn_after:?}"
     );
-    let a = traffic(&h, "east", 10).await;
+    let a = h.traffic("east", 10).await;
     assert!(
         failures(&a).is_empty() && a.iter().all(|x| x == "eu"),
         "{a:?}"
@@ -402,10 +357,8 @@ async fn netns_a_partition_makes_the_peer_stale_then_withdrawn_and_traffic_moves
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    until(&h, "east", "returns to west", |a| {
-        a.iter().all(|x| x == "west")
-    })
-    .await;
+    h.until("east", "returns to west", |a| a.iter().all(|x| x == "west"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,10 +454,8 @@ async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
     // few seconds (connections through the gateway are renewed).
     h.kill_instance("east", "helloworld-v1-0").unwrap();
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    until(&h, "east", "crosses to west", |a| {
-        a.iter().all(|x| x == "west")
-    })
-    .await;
+    h.until("east", "crosses to west", |a| a.iter().all(|x| x == "west"))
+        .await;
     let load: Vec<_> = (0..3)
         .map(|_| {
             let proxy = h.cluster("east").client().outbound();
@@ -513,7 +464,7 @@ async fn certificates_rotate_under_cross_cluster_load_with_zero_errors() {
                 let t = std::time::Instant::now();
                 let mut out = Vec::new();
                 while t.elapsed() < Duration::from_secs(12) {
-                    out.push(label(&c.get(URL).await));
+                    out.push(c.get(URL).await.label());
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 out
@@ -559,7 +510,7 @@ async fn netns_regions_30_ms_apart_keep_traffic_local_and_cross_with_the_delay()
         for _ in 0..10 {
             let t = std::time::Instant::now();
             let a = c.get(URL).await;
-            out.push((label(&a), t.elapsed()));
+            out.push((a.label(), t.elapsed()));
         }
         out
     };
@@ -571,10 +522,8 @@ async fn netns_regions_30_ms_apart_keep_traffic_local_and_cross_with_the_delay()
     // Crossing to west pays it both ways (request and answer).
     h.kill_instance("east", "helloworld-v1-0").unwrap();
     h.kill_instance("east", "helloworld-v1-1").unwrap();
-    until(&h, "east", "crosses to west", |a| {
-        a.iter().all(|x| x == "west")
-    })
-    .await;
+    h.until("east", "crosses to west", |a| a.iter().all(|x| x == "west"))
+        .await;
     let remote = timed(&h).await;
     assert!(remote.iter().all(|(w, _)| w == "west"), "{remote:?}");
     let fastest = remote.iter().map(|(_, d)| *d).min().unwrap();

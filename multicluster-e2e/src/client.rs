@@ -34,6 +34,15 @@ impl Answer {
         it.find(|w| *w == "from")?;
         it.next()
     }
+    /// The answering cluster, or `FAILED <status> <body>`.
+    pub fn label(&self) -> String {
+        if self.ok() {
+            self.cluster().unwrap_or("?").to_owned()
+        } else {
+            format!("FAILED {} {}", self.status, self.body.trim())
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.status == 200
     }

@@ -10,10 +10,15 @@
 //! federation), gateway 127.0.N.2 (15443 tcp and udp), workloads from
 //! 127.0.N.10 (sidecar 15001 outbound, 15006 inbound; app 8080); every
 //! component's admin 15000, metrics 15020, readiness 15021 on its own IP.
+//!
+//! The kube tier ([`Harness::new_kube`]) keeps each cluster's objects in a
+//! Kubernetes API of its own (the stand-in, on 127.0.N.3) instead of a
+//! directory, written with kubectl; controllers run in kube mode.
 
 pub mod client;
 pub mod delay;
 pub mod kit;
+pub mod kube;
 pub mod load;
 pub mod netns;
 pub mod sample;
@@ -96,6 +101,10 @@ impl ClusterSpec {
     }
     pub fn gateway_ip(&self) -> Ipv4Addr {
         self.ip(2)
+    }
+    /// The kube tier's API server.
+    pub fn api_ip(&self) -> Ipv4Addr {
+        self.ip(3)
     }
     pub fn workload_ip(&self, i: usize) -> Ipv4Addr {
         self.ip(10 + i as u8)
@@ -208,6 +217,8 @@ pub struct Cluster {
     pub controller: Option<Proc>,
     pub gateway: Option<Proc>,
     pub workloads: Vec<Workload>,
+    /// The cluster's Kubernetes API (kube tier).
+    pub api: Option<kube::KubeApi>,
 }
 
 impl Cluster {
@@ -228,6 +239,19 @@ impl Cluster {
     }
     pub fn manifests(&self) -> PathBuf {
         self.dir.join("manifests")
+    }
+    /// The cluster's API (kube tier only).
+    pub fn api(&self) -> &kube::KubeApi {
+        self.api.as_ref().unwrap_or_else(|| {
+            panic!(
+                "{} has no Kubernetes API (not the kube tier)",
+                self.spec.name
+            )
+        })
+    }
+    /// Runs kubectl against the cluster's API (kube tier only).
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.api().kubectl(args, None)
     }
     /// The `sleep` client workload.
     pub fn client(&self) -> &Workload {
@@ -280,6 +304,17 @@ impl Harness {
     /// Prepares PKI, manifests and configs under `root` for `specs`.
     /// `bin` is the `isthmus` binary.
     pub fn new(bin: &Path, root: &Path, specs: Vec<ClusterSpec>) -> anyhow::Result<Self> {
+        Self::build(bin, root, specs, false)
+    }
+
+    /// Like [`Harness::new`], each cluster with a Kubernetes API of its
+    /// own (see [`kube`]): its objects applied with kubectl, its controller
+    /// in kube mode (Lease, link Secrets, TokenReview for the CA).
+    pub fn new_kube(bin: &Path, root: &Path, specs: Vec<ClusterSpec>) -> anyhow::Result<Self> {
+        Self::build(bin, root, specs, true)
+    }
+
+    fn build(bin: &Path, root: &Path, specs: Vec<ClusterSpec>, kube: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root)?;
         let mut h = Self {
             bin: bin.to_owned(),
@@ -332,12 +367,21 @@ impl Harness {
                     running: false,
                 })
                 .collect();
+            let api = match kube {
+                true => Some(kube::KubeApi::start(
+                    SocketAddr::from((spec.api_ip(), 0)),
+                    &dir.join("kubeconfig"),
+                    &spec.name,
+                )?),
+                false => None,
+            };
             let c = Cluster {
                 spec,
                 dir,
                 controller: None,
                 gateway: None,
                 workloads,
+                api,
             };
             h.write_configs(&c)?;
             h.write_manifests(&c, &[])?;
@@ -532,16 +576,28 @@ impl Harness {
             ));
         }
         std::fs::write(c.dir.join("ca-tokens"), tokens)?;
+        // Kube mode: the cluster's API, and no token file (the CA asks
+        // the API's TokenReview who a sidecar's token belongs to).
+        let source = match &c.api {
+            Some(api) => format!(
+                "source: {{kube: {{kubeconfig: {k}, namespace: {ns}, leaderElection: {{leaseDuration: 3s}}}}}}",
+                k = yaml_path(api.kubeconfig()),
+                ns = kube::CONTROLLER_NAMESPACE,
+            ),
+            None => format!(
+                "source: {{files: {m}}}\ncaTokens: {t}",
+                m = d("manifests"),
+                t = d("ca-tokens")
+            ),
+        };
         std::fs::write(
             c.dir.join("controller.yaml"),
             format!(
-                "kind: Controller\n{cluster}\ncaDir: {ca}\nsource: {{files: {m}}}\ncaTokens: {t}\n\
+                "kind: Controller\n{cluster}\ncaDir: {ca}\n{source}\n\
                  listen: {{federation: \"{ctl}:15012\", local: \"{ctl}:15010\"}}\n\
                  gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: {lease}ms\n{a}\n",
                 lease = self.stale_lease.as_millis(),
                 ca = d("ca"),
-                m = d("manifests"),
-                t = d("ca-tokens"),
                 a = admin(ctl),
             ),
         )?;
@@ -556,10 +612,13 @@ impl Harness {
         )?;
         for w in &c.workloads {
             let token = c.dir.join(format!("token-{}", w.spec.name));
-            std::fs::write(
-                &token,
-                format!("{}-{}-bootstrap-token\n", s.name, w.spec.name),
-            )?;
+            let secret = format!("{}-{}-bootstrap-token", s.name, w.spec.name);
+            std::fs::write(&token, format!("{secret}\n"))?;
+            if let Some(api) = &c.api {
+                // What the kubelet projects into the pod (audience
+                // isthmus-ca), known to the API's TokenReview.
+                api.add_service_account_token(&secret, NAMESPACE, &w.spec.app);
+            }
             let ip = w.ip;
             std::fs::write(
                 c.dir.join(format!("sidecar-{}.yaml", w.spec.name)),
@@ -660,6 +719,9 @@ impl Harness {
                  addressType: IPv4\nports: [{{name: http, port: 15006}}]\nendpoints:\n{eps}"
             ),
         )?;
+        if let Some(api) = &c.api {
+            api.kubectl(&["apply", "--server-side", "-f", &yaml_path(&m)], None)?;
+        }
         Ok(())
     }
 
@@ -794,6 +856,28 @@ impl Harness {
     pub fn link_all(&self) -> anyhow::Result<()> {
         for (i, a) in self.clusters.iter().enumerate() {
             for b in &self.clusters[i + 1..] {
+                if let (Some(ka), Some(kb)) = (&a.api, &b.api) {
+                    // Kube mode: the token is a Secret in a's API, the
+                    // peer one in b's.
+                    let token = self.isthmus(&[
+                        "link",
+                        "create",
+                        "--kubeconfig",
+                        &yaml_path(ka.kubeconfig()),
+                        "-n",
+                        kube::CONTROLLER_NAMESPACE,
+                    ])?;
+                    self.isthmus(&[
+                        "link",
+                        "apply",
+                        "--kubeconfig",
+                        &yaml_path(kb.kubeconfig()),
+                        "-n",
+                        kube::CONTROLLER_NAMESPACE,
+                        token.trim(),
+                    ])?;
+                    continue;
+                }
                 let token = self.isthmus(&[
                     "link",
                     "create",
@@ -930,13 +1014,23 @@ impl Harness {
         } else {
             std::fs::write(&marker, "")?;
             let _ = std::fs::remove_file(c.manifests().join("helloworld-export.yaml"));
+            if c.api.is_some() {
+                c.kubectl(&["delete", "serviceexport", "helloworld", "-n", NAMESPACE])?;
+            }
         }
         Ok(())
     }
 
-    /// Writes an extra manifest (a policy) into a cluster's directory.
+    /// Writes an extra manifest (a policy) into a cluster's directory
+    /// (kube tier: and applies it with kubectl).
     pub fn apply(&self, cluster: &str, file: &str, yaml: &str) -> anyhow::Result<()> {
-        write_atomic(&self.cluster(cluster).manifests().join(file), yaml)
+        let c = self.cluster(cluster);
+        let path = c.manifests().join(file);
+        write_atomic(&path, yaml)?;
+        if let Some(api) = &c.api {
+            api.kubectl(&["apply", "--server-side", "-f", &yaml_path(&path)], None)?;
+        }
+        Ok(())
     }
 }
 
@@ -1004,6 +1098,49 @@ impl Harness {
             .find(|p| p["cluster"] == peer)?["stale"]
             .as_bool()
     }
+}
+
+/// helloworld by its cluster-local name, as the sample's client calls it.
+pub const HELLO_URL: &str = "http://helloworld.sample.svc.cluster.local:5000/hello";
+
+impl Harness {
+    /// Sends `n` requests from `cluster`'s client, 20 ms apart; the
+    /// [`Answer::label`] of each.
+    pub async fn traffic(&self, cluster: &str, n: usize) -> Vec<String> {
+        let mut c = Client::new(self.cluster(cluster).client().outbound());
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(c.get(HELLO_URL).await.label());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        out
+    }
+
+    /// Sends bursts of five requests until `check` holds for one (20 s at
+    /// most, else panics naming `what`); how long it took.
+    pub async fn until(
+        &self,
+        cluster: &str,
+        what: &str,
+        check: impl Fn(&[String]) -> bool,
+    ) -> Duration {
+        let t = std::time::Instant::now();
+        loop {
+            let a = self.traffic(cluster, 5).await;
+            if check(&a) {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: still {a:?} after 20 s"
+            );
+        }
+    }
+}
+
+/// The failed answers among [`Harness::traffic`]'s.
+pub fn failures(answers: &[String]) -> Vec<&String> {
+    answers.iter().filter(|a| a.starts_with("FAILED")).collect()
 }
 
 /// The clusters a sidecar's config dump names for imported helloworld.

@@ -31,6 +31,9 @@ use super::Event;
 use crate::k8s;
 use crate::objects::{ExportCondition, Kind, Object, ObjectKey, export_conditions, parse};
 
+/// How often a failing kind checks whether the API server answers again.
+const RECOVERY_PROBE: Duration = Duration::from_secs(2);
+
 /// How often a kind whose CRD is missing is looked for again.
 pub const MISSING_RECHECK: Duration = Duration::from_secs(15);
 
@@ -137,6 +140,15 @@ impl KubeSource {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// Whether the API server answers a list of `ar` (one object's
+    /// metadata).
+    async fn answers(&self, ar: &ApiResource) -> bool {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+        api.list_metadata(&kube::api::ListParams::default().limit(1))
+            .await
+            .is_ok()
+    }
+
     fn stream(&self, kind: Kind, ar: &ApiResource) -> Events {
         let cfg = watcher::Config::default();
         let ar2 = ar.clone();
@@ -180,12 +192,36 @@ impl KubeSource {
             let mut last_error = String::new();
             // ServiceExports seen in a list in progress.
             let mut listed_exports = BTreeSet::new();
+            // Between a list's Init and InitDone (or after a list
+            // failed: the watcher lists again).
+            let mut in_list = true;
             let missing = loop {
-                let Some(item) = events.next().await else {
+                // kube-rs resumes a watch without a word: while a kind is
+                // failing, a cheap list tells when the API server answers
+                // again, so status stops saying it is down. Not while a
+                // list is due (the kind is synced only once it lists).
+                let item = if last_error.is_empty() || in_list {
+                    events.next().await
+                } else {
+                    tokio::select! {
+                        biased;
+                        item = events.next() => item,
+                        () = tokio::time::sleep(RECOVERY_PROBE) => {
+                            if self.answers(&ar).await {
+                                info!(%resource, "the API server answers again; the watch resumes from its last version");
+                                last_error.clear();
+                                self.health.set(kind, &resource, "synced", None);
+                            }
+                            continue;
+                        }
+                    }
+                };
+                let Some(item) = item else {
                     return;
                 };
                 let sent = match item {
                     Ok(WatchEvent::Init) => {
+                        in_list = true;
                         listed_exports.clear();
                         tx.send(Event::Init(kind)).await
                     }
@@ -203,6 +239,7 @@ impl KubeSource {
                             info!(%resource, "listed; watching");
                         }
                         last_error.clear();
+                        in_list = false;
                         published = true;
                         self.health.set(kind, &resource, "synced", None);
                         if kind == Kind::ServiceExport {
@@ -235,7 +272,10 @@ impl KubeSource {
                     },
                     Err(e) => {
                         let (verb, err) = match &e {
-                            watcher::Error::InitialListFailed(e) => ("list", Some(e)),
+                            watcher::Error::InitialListFailed(e) => {
+                                in_list = true;
+                                ("list", Some(e))
+                            }
                             watcher::Error::WatchStartFailed(e)
                             | watcher::Error::WatchFailed(e) => ("watch", Some(e)),
                             _ => ("watch", None),
