@@ -486,7 +486,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         if let Some((locality, exports)) = seeded.remove(&state.name) {
             let mut i = state.lock();
             i.locality = locality;
-            i.imports = Some(Arc::new(exports));
+            i.held = Some(Arc::new(exports));
             // Not stale yet: like any disconnected peer, it becomes stale
             // only if it does not reconnect within two heartbeats, so a
             // quick restart rewrites nothing.

@@ -19,8 +19,8 @@ use crate::state::{PeerState, Shared};
 use crate::transport;
 
 /// Adds a peer (configured or linked): trusts its bundle, accepts its
-/// controller on the federation port, and dials it when our name sorts
-/// first. Returns false if it was already known.
+/// controller on the federation port, and dials it (see [`dial_loop`]).
+/// Returns false if it was already known.
 pub fn add_peer(shared: &Arc<Shared>, peer: PeerState, bundle: Option<TrustBundle>) -> bool {
     if let Some(b) = bundle
         && let Err(e) = shared.trust.upsert(b)
@@ -41,19 +41,22 @@ pub fn add_peer(shared: &Arc<Shared>, peer: PeerState, bundle: Option<TrustBundl
     let peer = Arc::new(peer);
     peers.insert(peer.name.clone(), peer.clone());
     drop(peers);
-    if peer.name > shared.cluster {
-        tokio::spawn(
-            dial_loop(shared.clone(), peer.clone())
-                .instrument(info_span!("federation", peer.cluster = %peer.name, side = "client")),
-        );
-    }
+    tokio::spawn(
+        dial_loop(shared.clone(), peer.clone())
+            .instrument(info_span!("federation", peer.cluster = %peer.name, side = "client")),
+    );
     shared.changed.notify_one();
     true
 }
 
-/// Dials `peer` for as long as the controller runs (only the side whose
-/// cluster name sorts first dials, so a pair shares one stream).
+/// Dials `peer` for as long as the controller runs. The side whose cluster
+/// name sorts first dials at once and always, so a pair of single
+/// controllers shares one stream. The other side dials only after
+/// [`dial_grace`] with no session at all: when the peer runs several
+/// controller replicas behind one address, each replica of ours must
+/// still hear the peer, and the peer's dials reach only some of them.
 pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
+    let first = peer.name > shared.cluster;
     let expect = match SpiffeId::controller(&peer.trust_domain, &peer.name) {
         Ok(id) => id,
         Err(e) => {
@@ -63,6 +66,9 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
     };
     loop {
         if shared.shutdown.is_draining() {
+            return;
+        }
+        if !first && !unconnected_for(&shared, &peer, dial_grace(shared.heartbeat)).await {
             return;
         }
         let reason = match transport::channel(peer.address.clone(), (shared.client_tls.0)(&expect))
@@ -75,7 +81,7 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
                 let (tx, rx) = mpsc::channel(64);
                 match client.federate(ReceiverStream::new(rx)).await {
                     Ok(resp) => {
-                        session(shared.clone(), peer.clone(), tx, resp.into_inner())
+                        session(shared.clone(), peer.clone(), tx, resp.into_inner(), true)
                             .await
                             .message
                     }
@@ -112,6 +118,34 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shared.shutdown.signaled() => return,
+        }
+    }
+}
+
+/// How long the side that sorts second waits, with no session with any
+/// of the peer's processes, before dialing itself.
+pub fn dial_grace(heartbeat: Duration) -> Duration {
+    (heartbeat * 3).max(Duration::from_secs(1))
+}
+
+/// Waits until no session with `peer` has been up for `grace` (false:
+/// the controller is shutting down).
+async fn unconnected_for(shared: &Shared, peer: &PeerState, grace: Duration) -> bool {
+    let step = (grace / 4).max(Duration::from_millis(50));
+    let mut since: Option<tokio::time::Instant> = None;
+    loop {
+        if peer.lock().connected {
+            since = None;
+        } else if since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+            >= grace
+        {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = shared.shutdown.signaled() => return false,
         }
     }
 }

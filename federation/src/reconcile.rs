@@ -191,7 +191,7 @@ pub async fn reconcile_loop(
             match liveness(
                 down,
                 i.stale,
-                i.imports.is_some(),
+                i.imports().is_some(),
                 shared.heartbeat,
                 shared.lease,
             ) {
@@ -203,8 +203,10 @@ pub async fn reconcile_loop(
                 }
                 Liveness::Withdraw => {
                     i.stale = true;
-                    i.imports = None;
-                    i.applied = None;
+                    // Every session with it has ended: nothing resumes
+                    // onto what was withdrawn.
+                    i.held = None;
+                    i.parked.clear();
                     dirty = true;
                     warn!(peer.cluster = %p.name, lease = ?shared.lease, "peer unreachable for the whole lease: its services are withdrawn");
                 }
@@ -251,7 +253,7 @@ pub async fn reconcile_loop(
                         stale: i.stale,
                         locality: i.locality.clone(),
                         gateway: i.gateway.clone(),
-                        exports: i.imports.clone(),
+                        exports: i.imports().cloned(),
                     }
                 })
                 .collect();

@@ -133,7 +133,7 @@ impl PeerFederation for FederationService {
         let (tx, rx) = mpsc::channel(64);
         let shared = self.shared.clone();
         tokio::spawn(
-            session(shared, peer, tx, request.into_inner())
+            session(shared, peer, tx, request.into_inner(), false)
                 .instrument(info_span!("federation", peer.cluster = %cluster, side = "server")),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
 use crate::export::{Export, export_from_bytes};
-use crate::state::{Inner, PeerState, Shared};
+use crate::state::{Link, PeerState, Shared};
 use isthmus_core::wire;
 
 /// Largest message accepted or sent on a federation stream.
@@ -101,12 +101,14 @@ fn end(reason: EndReason, message: impl Into<String>) -> SessionEnd {
     }
 }
 
-/// Runs one session until it ends; returns why it ended.
+/// Runs one session until it ends; returns why it ended. `dialed`: this
+/// side opened the stream.
 pub(crate) async fn session<S>(
     shared: Arc<Shared>,
     peer: Arc<PeerState>,
     tx: mpsc::Sender<pb::PeerMessage>,
     mut rx: S,
+    dialed: bool,
 ) -> SessionEnd
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
@@ -115,14 +117,28 @@ where
     let generation = {
         let mut i = peer.lock();
         i.session += 1;
-        i.session
+        let g = i.session;
+        i.live.insert(
+            g,
+            Link {
+                dialed,
+                ..Link::default()
+            },
+        );
+        g
     };
     let reason = run(&shared, &peer, generation, &tx, &mut rx).await;
     {
         let mut i = peer.lock();
-        if i.session == generation {
+        let established = i.live.get(&generation).is_some_and(|l| !l.epoch.is_empty());
+        i.park(generation);
+        // Disconnected once no session with any of the peer's processes
+        // is left.
+        if !i.live.values().any(|l| !l.epoch.is_empty()) {
             i.connected = false;
-            i.disconnected_since = Some(Instant::now());
+            if established || i.disconnected_since.is_none() {
+                i.disconnected_since = Some(Instant::now());
+            }
             i.last_disconnect = Some((SystemTime::now(), reason.message.clone()));
             if started.elapsed() < FLAP_WINDOW {
                 i.flaps += 1;
@@ -160,7 +176,7 @@ where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin,
 {
     let hb = shared.heartbeat;
-    let (resume_epoch, resume_revision) = peer.lock().applied.clone().unwrap_or_default();
+    let (resume_epoch, resume_revision) = peer.lock().resume_point().unwrap_or_default();
     let hello = pb::Hello {
         protocol_version: pb::PROTOCOL_VERSION,
         cluster_name: shared.cluster.clone(),
@@ -234,6 +250,9 @@ where
             format!("protocol violation: version {}", theirs.protocol_version),
         );
     }
+    if let Err(e) = claim(shared, peer, generation, &theirs.epoch) {
+        return e;
+    }
     {
         let mut i = peer.lock();
         i.connected = true;
@@ -262,7 +281,7 @@ where
     let first = {
         let cat = catalog.borrow_and_update();
         cat.listed
-            .then(|| first_messages(shared, peer, &theirs, &cat))
+            .then(|| first_messages(shared, peer, generation, &theirs, &cat))
     };
     let mut first_sent = first.is_some();
     for m in first.into_iter().flatten() {
@@ -276,8 +295,11 @@ where
     let mut heartbeat_seq = 0u64;
     let mut last_heard = Instant::now();
     loop {
-        if peer.lock().session != generation {
-            return end(EndReason::Replaced, "replaced by a newer session");
+        if peer.lock().live.get(&generation).is_none_or(|l| l.evicted) {
+            return end(
+                EndReason::Replaced,
+                "replaced by a newer session with the same controller process",
+            );
         }
         // Biased: whatever the peer already sent is read before the
         // heartbeat check, so a runtime that was busy (a burst of large
@@ -298,12 +320,15 @@ where
                     let cat: &Catalog = &cat;
                     if first_sent {
                         let current = cat.for_peer(&peer.policy);
-                        delta(&shared.epoch, &mut peer.lock(), &current)
+                        peer.lock()
+                            .live
+                            .get_mut(&generation)
+                            .and_then(|link| delta(&shared.epoch, link, &current))
                             .map(|d| vec![msg(Message::Delta(d))])
                             .unwrap_or_default()
                     } else if cat.listed {
                         first_sent = true;
-                        first_messages(shared, peer, &theirs, cat)
+                        first_messages(shared, peer, generation, &theirs, cat)
                     } else {
                         Vec::new()
                     }
@@ -331,7 +356,7 @@ where
                     }
                     Some(Ok(pb::PeerMessage { message: Some(m) })) => m,
                 };
-                match handle(shared, peer, tx, m).await {
+                match handle(shared, peer, generation, tx, m).await {
                     Ok(()) => {}
                     Err(reason) => return reason,
                 }
@@ -362,17 +387,65 @@ where
     }
 }
 
+/// Binds session `generation` to the peer process that said Hello
+/// (`epoch`): it resumes that process's parked link if there is one. Two
+/// live sessions with the same process (both sides dialed at once, or a
+/// reconnect while the old stream has not noticed it is dead) keep one:
+/// the one the first-sorting cluster dialed, else the newer. Both ends
+/// decide alike.
+fn claim(
+    shared: &Shared,
+    peer: &PeerState,
+    generation: u64,
+    epoch: &str,
+) -> Result<(), SessionEnd> {
+    let mut i = peer.lock();
+    let dialed = i.live.get(&generation).is_some_and(|l| l.dialed);
+    let we_sort_first = shared.cluster < peer.name;
+    let twin = i
+        .live
+        .iter()
+        .find(|(g, l)| **g != generation && l.epoch == epoch && !l.evicted)
+        .map(|(g, l)| (*g, l.dialed));
+    if let Some((twin, twin_dialed)) = twin {
+        let by_first = |d: bool| d == we_sort_first;
+        if by_first(twin_dialed) && !by_first(dialed) {
+            return Err(end(
+                EndReason::Replaced,
+                "a session with the same controller process is already live",
+            ));
+        }
+        if let Some(t) = i.live.get_mut(&twin) {
+            t.evicted = true;
+        }
+    }
+    let parked = i.parked.remove(epoch).unwrap_or_default();
+    if let Some(l) = i.live.get_mut(&generation) {
+        *l = Link {
+            epoch: epoch.to_owned(),
+            dialed,
+            last_used: Some(Instant::now()),
+            ..parked
+        };
+    }
+    Ok(())
+}
+
 /// What opens our side of a session: the deltas the peer missed when it
 /// can resume from its last applied revision, else a full snapshot.
 fn first_messages(
     shared: &Shared,
     peer: &PeerState,
+    generation: u64,
     theirs: &pb::Hello,
     catalog: &Catalog,
 ) -> Vec<pb::PeerMessage> {
     let started = std::time::Instant::now();
     let current = catalog.for_peer(&peer.policy);
-    let mut i = peer.lock();
+    let mut guard = peer.lock();
+    let Some(i) = guard.live.get_mut(&generation) else {
+        return Vec::new();
+    };
     let can_resume = theirs.resume_epoch == shared.epoch
         && theirs.resume_revision <= i.out_revision
         && (theirs.resume_revision == i.out_revision
@@ -387,7 +460,7 @@ fn first_messages(
                 .filter(|d| d.revision > theirs.resume_revision)
                 .map(|d| msg(Message::Delta(d.clone()))),
         );
-        if let Some(d) = delta(&shared.epoch, &mut i, &current) {
+        if let Some(d) = delta(&shared.epoch, i, &current) {
             out.push(msg(Message::Delta(d)));
         }
         debug!(peer.cluster = %peer.name, from = theirs.resume_revision, deltas = out.len(), "resuming");
@@ -408,7 +481,7 @@ fn first_messages(
 /// The delta from what was last sent to `current`, recorded in history.
 fn delta(
     epoch: &str,
-    i: &mut Inner,
+    i: &mut Link,
     current: &BTreeMap<ServiceKey, Arc<Export>>,
 ) -> Option<pb::Delta> {
     let upserts: Vec<_> = current
@@ -443,9 +516,16 @@ fn delta(
 async fn handle(
     shared: &Arc<Shared>,
     peer: &Arc<PeerState>,
+    generation: u64,
     tx: &mpsc::Sender<pb::PeerMessage>,
     m: Message,
 ) -> Result<(), SessionEnd> {
+    // This session's link (present while the session runs).
+    fn link(i: &mut crate::state::Inner, generation: u64) -> Result<&mut Link, SessionEnd> {
+        i.live
+            .get_mut(&generation)
+            .ok_or_else(|| end(EndReason::Replaced, "session ended"))
+    }
     let ack = |epoch: String, revision: u64| {
         msg(Message::Ack(pb::Ack {
             epoch,
@@ -475,13 +555,16 @@ async fn handle(
             }
             {
                 let mut i = peer.lock();
-                // A snapshot equal to what we hold (a reconnect, a
-                // restarted peer) keeps the held set, so nothing
-                // downstream sees a change and no merge runs.
-                if i.imports.as_deref() != Some(&next) {
-                    i.imports = Some(Arc::new(next));
+                // A snapshot equal to what is in force (a reconnect, a
+                // restarted peer, another replica of the peer) keeps the
+                // held set, so nothing downstream sees a change and no
+                // merge runs.
+                let same = i.imports().filter(|m| ***m == next).cloned();
+                let l = link(&mut i, generation)?;
+                if l.imports.as_deref() != Some(&next) {
+                    l.imports = Some(same.unwrap_or_else(|| Arc::new(next)));
                 }
-                i.applied = Some((s.epoch.clone(), s.revision));
+                l.applied = Some((s.epoch.clone(), s.revision));
                 i.stale = false;
                 i.last_full_sync = Some(SystemTime::now());
                 i.last_event = Some(SystemTime::now());
@@ -491,7 +574,7 @@ async fn handle(
             send(tx, ack(s.epoch, s.revision)).await
         }
         Message::Delta(d) => {
-            let expected = peer.lock().applied.clone();
+            let expected = link(&mut peer.lock(), generation)?.applied.clone();
             match expected {
                 Some((epoch, rev)) if epoch == d.epoch && d.revision == rev + 1 => {}
                 other => {
@@ -528,14 +611,15 @@ async fn handle(
             }
             {
                 let mut i = peer.lock();
-                let imports = Arc::make_mut(i.imports.get_or_insert_with(Default::default));
+                let l = link(&mut i, generation)?;
+                let imports = Arc::make_mut(l.imports.get_or_insert_with(Default::default));
                 for e in upserts {
                     imports.insert(e.key.clone(), Arc::new(e));
                 }
                 for k in removals {
                     imports.remove(&k);
                 }
-                i.applied = Some((d.epoch.clone(), d.revision));
+                l.applied = Some((d.epoch.clone(), d.revision));
                 i.stale = false;
                 i.last_event = Some(SystemTime::now());
             }
@@ -547,8 +631,9 @@ async fn handle(
                 warn!(peer.cluster = %peer.name, revision = a.revision, error = %a.error, "peer could not apply a revision");
             }
             let mut i = peer.lock();
+            let l = link(&mut i, generation)?;
             if a.epoch == shared.epoch {
-                i.out_acked = i.out_acked.max(a.revision);
+                l.out_acked = l.out_acked.max(a.revision);
             }
             Ok(())
         }

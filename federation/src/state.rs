@@ -98,16 +98,25 @@ pub struct PeerState {
 
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
-    /// The peer's exports to us; `None` before the first sync and after
-    /// withdrawal.
-    /// Shared with the reconciler's passes (copy-on-write: a delta copies
-    /// the map only while a pass still holds the previous one).
-    pub imports: Option<Arc<BTreeMap<ServiceKey, Arc<Export>>>>,
+    /// The peer's exports to us when no live session has synced: the
+    /// last primary session's (kept until the stale lease runs out), or
+    /// what a previous run wrote. `None` before the first sync and after
+    /// withdrawal. See [`Inner::imports`].
+    pub held: Option<Imports>,
     pub locality: Locality,
     pub gateway: String,
-    pub applied: Option<(String, u64)>,
+    /// Whether any session with the peer is live.
     pub connected: bool,
+    /// Sessions started (each session's generation).
     pub session: u64,
+    /// Live sessions by generation. A peer cluster may run several
+    /// controller replicas, and each of ours may hold a session with
+    /// several of them: each session has its own link state.
+    pub live: BTreeMap<u64, Link>,
+    /// Link state of ended sessions, by the peer process's epoch, for a
+    /// reconnect of the same process to resume from (at most
+    /// [`PARKED_LINKS`]).
+    pub parked: BTreeMap<String, Link>,
     pub stale: bool,
     pub last_full_sync: Option<SystemTime>,
     pub last_event: Option<SystemTime>,
@@ -117,11 +126,86 @@ pub(crate) struct Inner {
     /// "disconnect".
     pub last_dial_error: Option<(SystemTime, String)>,
     pub disconnected_since: Option<Instant>,
+    pub flaps: u32,
+}
+
+/// Ended sessions' link states kept per peer for resuming.
+pub const PARKED_LINKS: usize = 4;
+
+/// One session's state: with one process of the peer (its `epoch`).
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// The peer process's epoch (empty until its Hello).
+    pub epoch: String,
+    /// Whether this side dialed the session.
+    pub dialed: bool,
+    /// A newer session with the same process took over: this one ends.
+    pub evicted: bool,
+    /// What that process sent us (inbound).
+    pub imports: Option<Imports>,
+    pub applied: Option<(String, u64)>,
+    /// What we sent it (outbound), and what it acknowledged.
     pub out_revision: u64,
     pub out_sent: BTreeMap<ServiceKey, Arc<Export>>,
     pub out_history: VecDeque<pb::Delta>,
     pub out_acked: u64,
-    pub flaps: u32,
+    pub last_used: Option<Instant>,
+}
+
+/// A peer's exports to us, shared with the reconciler's passes
+/// (copy-on-write: a delta copies the map only while a pass still holds
+/// the previous one).
+pub(crate) type Imports = Arc<BTreeMap<ServiceKey, Arc<Export>>>;
+
+impl Inner {
+    /// The peer's exports to us as in force: the primary session's (the
+    /// oldest live one that has synced), else [`held`](Self::held).
+    pub(crate) fn imports(&self) -> Option<&Imports> {
+        self.live
+            .values()
+            .find_map(|l| l.imports.as_ref())
+            .or(self.held.as_ref())
+    }
+
+    /// Where to resume the peer's stream from, offered in our Hello before
+    /// we know which of its processes answers: the most recently ended
+    /// session's (a live one's state is its own session's).
+    pub(crate) fn resume_point(&self) -> Option<(String, u64)> {
+        self.parked
+            .values()
+            .filter(|l| l.applied.is_some())
+            .max_by_key(|l| l.last_used)
+            .and_then(|l| l.applied.clone())
+    }
+
+    /// Ends session `generation`'s link: kept for a reconnect of the same
+    /// process, the oldest parked one forgotten beyond [`PARKED_LINKS`].
+    pub(crate) fn park(&mut self, generation: u64) {
+        let Some(mut link) = self.live.remove(&generation) else {
+            return;
+        };
+        // What was in force stays in force when the last synced session
+        // ends (until the stale lease runs out).
+        if link.imports.is_some() && self.live.values().all(|l| l.imports.is_none()) {
+            self.held = link.imports.clone();
+        }
+        if link.epoch.is_empty() || link.evicted {
+            return;
+        }
+        link.last_used = Some(Instant::now());
+        self.parked.insert(link.epoch.clone(), link);
+        while self.parked.len() > PARKED_LINKS {
+            let oldest = self
+                .parked
+                .iter()
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.parked.remove(&k),
+                None => break,
+            };
+        }
+    }
 }
 
 /// What `isthmus status` shows of one peer.
@@ -138,6 +222,10 @@ pub struct PeerStatus {
     /// `<time> <reason>` of the last failed dial while connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_dial_error: Option<String>,
+    /// Live sessions: one per process of the peer's that we talk to
+    /// (several when either cluster runs several controller replicas).
+    #[serde(default)]
+    pub sessions: usize,
     pub exported: usize,
     pub imported: usize,
     /// Revisions sent but not yet acknowledged.
@@ -180,9 +268,15 @@ impl PeerState {
                 .last_dial_error
                 .as_ref()
                 .map(|(t, r)| format!("{} {r}", rfc3339(*t))),
-            exported: i.out_sent.len(),
-            imported: i.imports.as_ref().map_or(0, |m| m.len()),
-            revision_lag: i.out_revision.saturating_sub(i.out_acked),
+            sessions: i.live.len(),
+            exported: i.live.values().map(|l| l.out_sent.len()).max().unwrap_or(0),
+            imported: i.imports().map_or(0, |m| m.len()),
+            revision_lag: i
+                .live
+                .values()
+                .map(|l| l.out_revision.saturating_sub(l.out_acked))
+                .max()
+                .unwrap_or(0),
         }
     }
 

@@ -712,3 +712,92 @@ async fn a_leader_cut_off_from_its_api_server_stops_writing_before_its_lease_exp
         cut.elapsed()
     );
 }
+
+/// Two replicas of west's controller on one API server; east knows only
+/// the first one's address (as a peer reaching west through one Service
+/// address reaches only some of its replicas). Each west replica still
+/// hears east, so either can serve its sidecars and write; a handover
+/// loses and duplicates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_hears_its_peers_and_a_handover_loses_and_duplicates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (east, west) = east_and_west(root.path()).await;
+    east.apply(&workload("web", 80, 1, "v1", true)).await;
+    west.apply(&workload("api", 8080, 2, "v1", true)).await;
+    let e = east.start(&[&west]).await;
+    let w1 = west.start(&[&east]).await;
+    assert_eventually("west's first replica leads", WAIT, async || {
+        lease_holder(&west.api).is_some() && *w1.shared.writer.borrow()
+    })
+    .await;
+    // The second replica: west's identity and configuration, ports of
+    // its own.
+    let w2_ports = TestCluster::new(&root.path().join("w2"), "west", "us-west1");
+    let mut c = west.config(&[&east]);
+    c.federation_addr = w2_ports.federation;
+    c.state_dir = root.path().join("w2/state");
+    let w2 = west.cluster.start(c, &[east.cluster.bundle()]).await;
+    assert!(!*w2.shared.writer.borrow());
+
+    // East dials only w1; w2, hearing nothing from east, dials it itself.
+    let imports_web = |b: &Bound| {
+        b.shared
+            .peer("east")
+            .is_some_and(|p| p.status().connected && p.status().imported == 1)
+    };
+    assert_eventually("both west replicas import east's web", WAIT, async || {
+        imports_web(&w1) && imports_web(&w2)
+    })
+    .await;
+    assert_eventually("east talks to both west replicas", WAIT, async || {
+        e.shared
+            .peer("west")
+            .is_some_and(|p| p.status().sessions == 2)
+    })
+    .await;
+    assert_eventually(
+        "each cluster has the other's ServiceEntry",
+        WAIT,
+        async || {
+            east.api.get(SE, "sample", "api-clusterset").is_some()
+                && west.api.get(SE, "sample", "web-clusterset").is_some()
+        },
+    )
+    .await;
+    // Both replicas hold the same merged view for their sidecars.
+    let imported = |b: &Bound| {
+        let m = b.mesh.borrow();
+        let mut v: Vec<String> = m.imported.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(imported(&w1), imported(&w2));
+    assert_eq!(imported(&w2), ["sample/web"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (east_writes, west_writes) = (east.api.writes(SE), west.api.writes(SE));
+
+    // w1 stops: w2 takes the Lease. East keeps west's services (its
+    // session with w2 carries them: never stale), and w2 finds nothing
+    // to rewrite.
+    w1.shutdown(Duration::from_secs(5)).await;
+    assert_eventually("w2 leads", WAIT, async || *w2.shared.writer.borrow()).await;
+    for _ in 0..10 {
+        let p = e.shared.peer("west").unwrap().status();
+        assert!(p.connected && !p.stale && p.imported == 1, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(east.api.writes(SE), east_writes, "east rewrote an import");
+    assert_eq!(
+        west.api.writes(SE),
+        west_writes,
+        "the new leader rewrote an import"
+    );
+    assert!(west.api.get(SE, "sample", "web-clusterset").is_some());
+
+    // A change after the handover reaches west's API through w2.
+    east.apply(&workload("db", 5432, 1, "v1", true)).await;
+    assert_eventually("w2 writes east's new export", WAIT, async || {
+        west.api.get(SE, "sample", "db-clusterset").is_some()
+    })
+    .await;
+}

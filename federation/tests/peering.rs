@@ -378,3 +378,45 @@ async fn a_broken_manifest_in_the_exporting_cluster_withdraws_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(east.service_entry("sample", "helloworld").is_some());
 }
+
+/// The side that sorts second dials when it hears nothing for the grace
+/// period (east down); when east comes up both have dialed, and the pair
+/// settles on one stream — the one east dialed — with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_both_sides_dial_one_stream_remains_and_nothing_is_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let east = TestCluster::new(root.path(), "east", "us-east1");
+    let west = TestCluster::new(root.path(), "west", "us-west1");
+    west.write("web.yaml", &service_yaml("web", 80, true, ""));
+    east.write("db.yaml", &service_yaml("db", 5432, true, ""));
+    let w = start_linked(&west, &east).await;
+    // Past the grace west dials east itself (and fails: east is down).
+    tokio::time::sleep(isthmus_federation::dial::dial_grace(HB) + HB * 5).await;
+    let p = w.status();
+    assert!(
+        p[0].last_disconnect_reason.is_some(),
+        "west has not dialed: {p:?}"
+    );
+    let e = start_linked(&east, &west).await;
+    assert_eventually("both import", WAIT, async || {
+        east.service_entry("sample", "web").is_some()
+            && west.service_entry("sample", "db").is_some()
+    })
+    .await;
+    assert_eventually("one stream", WAIT, async || {
+        e.status()[0].sessions == 1 && w.status()[0].sessions == 1
+    })
+    .await;
+    // And it stays one: no flapping between the two dials.
+    let sessions = |b: &isthmus_federation::app::Bound| b.shared.peers()[0].status();
+    for _ in 0..10 {
+        tokio::time::sleep(HB * 2).await;
+        let (a, b) = (sessions(&e), sessions(&w));
+        assert!(
+            a.connected && a.sessions == 1 && b.sessions == 1,
+            "{a:?} {b:?}"
+        );
+    }
+    assert!(east.service_entry("sample", "web").is_some());
+    assert!(west.service_entry("sample", "db").is_some());
+}
