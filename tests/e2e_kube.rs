@@ -423,3 +423,116 @@ fn kube_real_clusters_an_export_applied_with_kubectl_appears_in_the_peer() {
         ctx[1]
     );
 }
+
+/// `/config_dump` of west's controller replica `r`.
+async fn replica_dump(h: &Harness, cluster: &str, r: u8) -> Value {
+    let body = h
+        .admin_get(cluster, h.cluster(cluster).replica_admin(r), "/config_dump")
+        .await
+        .unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_two_controller_replicas_behind_one_address_both_serve_and_a_handover_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = NET.fetch_add(3, Ordering::Relaxed);
+    let mut specs = demo_clusters(base);
+    // west: two replicas behind one Service address; peers (east and eu
+    // sort first and dial) reach whichever replica the Service picks.
+    specs[1].controller_replicas = 2;
+    let mut h = Harness::new_kube(bin(), dir.path(), specs).unwrap();
+    h.start_all(Duration::from_secs(30)).await.unwrap();
+
+    // Both replicas hold sessions with both peers and import both.
+    for r in 0..2 {
+        eventually(
+            &format!("west replica {r} is connected to east and eu"),
+            vec![(true, 1), (true, 1)],
+            async || {
+                let d = replica_dump(&h, "west", r).await;
+                let mut v: Vec<(String, bool, u64)> = d["peers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        (
+                            p["cluster"].as_str().unwrap_or_default().to_owned(),
+                            p["connected"].as_bool().unwrap_or(false),
+                            p["imported"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                v.sort();
+                v.into_iter().map(|(_, c, i)| (c, i)).collect::<Vec<_>>()
+            },
+        )
+        .await;
+    }
+    let leader = |d: &Value| d["leader"]["writes"].as_bool() == Some(true);
+    let (d0, d1) = (
+        replica_dump(&h, "west", 0).await,
+        replica_dump(&h, "west", 1).await,
+    );
+    assert!(
+        leader(&d0) != leader(&d1),
+        "exactly one replica writes: {} {}",
+        d0["leader"],
+        d1["leader"]
+    );
+    let first = if leader(&d0) { 0 } else { 1 };
+    eventually("west's ServiceEntry", vec!["east", "eu"], async || {
+        service_entry_clusters(&h, "west")
+    })
+    .await;
+    eventually("east's ServiceEntry", vec!["eu", "west"], async || {
+        service_entry_clusters(&h, "east")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = h.cluster("west").api().server().writes(SE);
+
+    // The leader is SIGKILLed: the other replica takes the Lease once it
+    // runs out (3 s), rewrites nothing, and peers keep west's services
+    // throughout (their sessions with the other replica carry them).
+    h.kill_replica("west", first);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            h.imported("east").await,
+            ["eu", "west"],
+            "east lost west's services"
+        );
+        let a = h.traffic("west", 3).await;
+        assert!(a.iter().all(|c| c == "west"), "{a:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let other = 1 - first;
+    eventually("the other replica leads", true, async || {
+        leader(&replica_dump(&h, "west", other).await)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        h.cluster("west").api().server().writes(SE),
+        writes,
+        "the new leader rewrote ServiceEntries that had not changed"
+    );
+    // It writes what changes next: east withdraws helloworld.
+    h.set_exported("east", false).unwrap();
+    eventually(
+        "the new leader writes east's withdrawal",
+        vec!["eu"],
+        async || service_entry_clusters(&h, "west"),
+    )
+    .await;
+    // West's sidecars, served by the surviving replica through the same
+    // address, still reach eu across clusters when west's own instances die.
+    h.kill_instance("west", "helloworld-v1-0").unwrap();
+    h.kill_instance("west", "helloworld-v2-0").unwrap();
+    h.until("west", "failover away from west", |a| {
+        a.iter().all(|c| c == "east" || c == "eu")
+    })
+    .await;
+}

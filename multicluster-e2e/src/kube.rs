@@ -7,6 +7,7 @@
 //! API's TokenReview vouches for.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -17,6 +18,60 @@ pub const CONTROLLER_NAMESPACE: &str = "isthmus-system";
 
 #[cfg(feature = "kube")]
 pub use with_api::KubeApi;
+
+/// A Service address in front of several replicas, as kube-proxy gives
+/// one: each connection goes to the next replica that accepts it (a
+/// stopped replica refuses, as one whose endpoint is gone).
+#[derive(Debug)]
+pub struct ServiceVip {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl ServiceVip {
+    /// Listens on `vip` and spreads connections over `backends`.
+    pub fn start(vip: SocketAddr, backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("vip-{vip}"))
+            .enable_all()
+            .build()?;
+        let listener = std::net::TcpListener::bind(vip)
+            .with_context(|| format!("cannot bind the Service address {vip}"))?;
+        listener.set_nonblocking(true)?;
+        rt.spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let mut next = 0usize;
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let start = next;
+                next = next.wrapping_add(1);
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for i in 0..backends.len() {
+                        let b = backends[(start + i) % backends.len()];
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(b).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { rt: Some(rt) })
+    }
+}
+
+impl Drop for ServiceVip {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
 
 /// Built without the `kube` feature (the demo binary, which does not carry
 /// the stand-in): no cluster can have an API.

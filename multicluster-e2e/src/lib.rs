@@ -58,6 +58,10 @@ pub struct ClusterSpec {
     /// network-namespace tier.
     pub prefix: [u8; 2],
     pub workloads: Vec<WorkloadSpec>,
+    /// Controller replicas (kube tier): with more than one, they run on
+    /// 127.0.N.4, .5, … behind one Service address at 127.0.N.1, and one
+    /// at a time holds the leader Lease.
+    pub controller_replicas: u8,
 }
 
 impl ClusterSpec {
@@ -90,14 +94,24 @@ impl ClusterSpec {
             net,
             prefix: [127, 0],
             workloads,
+            controller_replicas: 1,
         }
     }
 
     fn ip(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(self.prefix[0], self.prefix[1], self.net, host)
     }
+    /// The controller's address (its Service's, with several replicas).
     pub fn controller_ip(&self) -> Ipv4Addr {
         self.ip(1)
+    }
+    /// Where controller replica `r` listens.
+    pub fn replica_ip(&self, r: u8) -> Ipv4Addr {
+        if self.controller_replicas > 1 {
+            self.ip(4 + r)
+        } else {
+            self.controller_ip()
+        }
     }
     pub fn gateway_ip(&self) -> Ipv4Addr {
         self.ip(2)
@@ -214,7 +228,11 @@ impl Workload {
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub dir: PathBuf,
-    pub controller: Option<Proc>,
+    /// Controller replicas' processes.
+    pub controllers: Vec<Option<Proc>>,
+    /// The controller's Service address (several replicas), served while
+    /// the cluster lives.
+    _vips: Vec<kube::ServiceVip>,
     pub gateway: Option<Proc>,
     pub workloads: Vec<Workload>,
     /// The cluster's Kubernetes API (kube tier).
@@ -222,11 +240,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The (first replica's) controller admin.
     pub fn controller_admin(&self) -> SocketAddr {
-        SocketAddr::from((admin_ip(self.spec.controller_ip()), 15000))
+        self.replica_admin(0)
     }
     pub fn controller_readiness(&self) -> SocketAddr {
-        SocketAddr::from((self.spec.controller_ip(), 15021))
+        self.replica_readiness(0)
+    }
+    pub fn replica_admin(&self, r: u8) -> SocketAddr {
+        SocketAddr::from((admin_ip(self.spec.replica_ip(r)), 15000))
+    }
+    pub fn replica_readiness(&self, r: u8) -> SocketAddr {
+        SocketAddr::from((self.spec.replica_ip(r), 15021))
     }
     pub fn gateway_admin(&self) -> SocketAddr {
         SocketAddr::from((admin_ip(self.spec.gateway_ip()), 15000))
@@ -375,10 +400,22 @@ impl Harness {
                 )?),
                 false => None,
             };
+            let mut vips = Vec::new();
+            if spec.controller_replicas > 1 {
+                for port in [15010, 15012] {
+                    vips.push(kube::ServiceVip::start(
+                        SocketAddr::from((spec.controller_ip(), port)),
+                        (0..spec.controller_replicas)
+                            .map(|r| SocketAddr::from((spec.replica_ip(r), port)))
+                            .collect(),
+                    )?);
+                }
+            }
             let c = Cluster {
+                controllers: (0..spec.controller_replicas).map(|_| None).collect(),
+                _vips: vips,
                 spec,
                 dir,
-                controller: None,
                 gateway: None,
                 workloads,
                 api,
@@ -590,17 +627,32 @@ impl Harness {
                 t = d("ca-tokens")
             ),
         };
-        std::fs::write(
-            c.dir.join("controller.yaml"),
-            format!(
-                "kind: Controller\n{cluster}\ncaDir: {ca}\n{source}\n\
-                 listen: {{federation: \"{ctl}:15012\", local: \"{ctl}:15010\"}}\n\
-                 gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: {lease}ms\n{a}\n",
-                lease = self.stale_lease.as_millis(),
-                ca = d("ca"),
-                a = admin(ctl),
-            ),
-        )?;
+        for r in 0..s.controller_replicas {
+            let ip = s.replica_ip(r);
+            // Replicas behind a Service address tell peers that one.
+            let advertise = if ip == ctl {
+                String::new()
+            } else {
+                format!("advertiseAddress: \"{ctl}:15012\"\n")
+            };
+            std::fs::write(
+                c.dir.join(controller_file(r)),
+                format!(
+                    "kind: Controller\n{cluster}\ncaDir: {ca}\n{source}\n\
+                     listen: {{federation: \"{ip}:15012\", local: \"{ip}:15010\"}}\n{advertise}\
+                     gatewayAddress: \"{gw}:15443\"\nheartbeatInterval: 500ms\nstaleLease: {lease}ms\n{a}\n{state}",
+                    lease = self.stale_lease.as_millis(),
+                    ca = d("ca"),
+                    a = admin(ip),
+                    // Kube mode keeps links in Secrets; a directory of
+                    // each replica's own for anything else.
+                    state = match &c.api {
+                        Some(_) => format!("stateDir: {}\n", d(&format!("state-{r}"))),
+                        None => String::new(),
+                    },
+                ),
+            )?;
+        }
         std::fs::write(
             c.dir.join("gateway.yaml"),
             format!(
@@ -725,17 +777,32 @@ impl Harness {
         Ok(())
     }
 
-    /// Starts one cluster's controller.
+    /// Starts one cluster's controller (every replica).
     pub fn start_controller(&mut self, cluster: &str) -> anyhow::Result<()> {
-        let c = self.cluster(cluster);
-        let cfg = yaml_path(&c.dir.join("controller.yaml"));
-        let p = self.spawn(
-            cluster,
-            &format!("{cluster}-controller"),
-            &["controller", "--config", &cfg],
-        )?;
-        self.cluster_mut(cluster).controller = Some(p);
+        for r in 0..self.cluster(cluster).spec.controller_replicas {
+            self.start_replica(cluster, r)?;
+        }
         Ok(())
+    }
+
+    /// Starts controller replica `r` of `cluster`.
+    pub fn start_replica(&mut self, cluster: &str, r: u8) -> anyhow::Result<()> {
+        let c = self.cluster(cluster);
+        let cfg = yaml_path(&c.dir.join(controller_file(r)));
+        let name = match r {
+            0 => format!("{cluster}-controller"),
+            _ => format!("{cluster}-controller-{r}"),
+        };
+        let p = self.spawn(cluster, &name, &["controller", "--config", &cfg])?;
+        self.cluster_mut(cluster).controllers[r as usize] = Some(p);
+        Ok(())
+    }
+
+    /// SIGKILLs controller replica `r` of `cluster`.
+    pub fn kill_replica(&mut self, cluster: &str, r: u8) {
+        if let Some(p) = self.cluster_mut(cluster).controllers[r as usize].take() {
+            p.kill();
+        }
     }
 
     /// Starts one cluster's gateway.
@@ -840,12 +907,14 @@ impl Harness {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         for c in &self.clusters {
-            wait_ready(
-                c.controller_readiness(),
-                deadline,
-                &format!("{} controller", c.spec.name),
-            )
-            .await?;
+            for r in 0..c.spec.controller_replicas {
+                wait_ready(
+                    c.replica_readiness(r),
+                    deadline,
+                    &format!("{} controller replica {r}", c.spec.name),
+                )
+                .await?;
+            }
         }
         self.link_all()?;
         self.wait_synced(deadline).await
@@ -998,8 +1067,10 @@ impl Harness {
 
     /// SIGKILLs a cluster's controller.
     pub fn kill_controller(&mut self, cluster: &str) {
-        if let Some(p) = self.cluster_mut(cluster).controller.take() {
-            p.kill();
+        for p in self.cluster_mut(cluster).controllers.iter_mut() {
+            if let Some(p) = p.take() {
+                p.kill();
+            }
         }
     }
 
@@ -1031,6 +1102,14 @@ impl Harness {
             api.kubectl(&["apply", "--server-side", "-f", &yaml_path(&path)], None)?;
         }
         Ok(())
+    }
+}
+
+/// Controller replica `r`'s configuration file.
+fn controller_file(r: u8) -> String {
+    match r {
+        0 => "controller.yaml".into(),
+        _ => format!("controller-{r}.yaml"),
     }
 }
 
@@ -1081,7 +1160,7 @@ impl Harness {
     }
 
     /// The clusters `cluster`'s client sidecar knows healthy helloworld
-    /// endpoints in.
+    /// endpoints in, sorted.
     pub async fn imported(&self, cluster: &str) -> Vec<String> {
         let admin = self.cluster(cluster).client().admin();
         parse_imported(self.admin_get(cluster, admin, "/config_dump").await)
@@ -1159,7 +1238,11 @@ fn parse_imported(body: Option<String>) -> Vec<String> {
                         .is_some_and(|g| g.iter().any(|g| g["healthy"].as_u64() > Some(0)))
                 })
                 .filter_map(|c| c["cluster"].as_str().map(str::to_owned))
-                .collect()
+                .collect::<Vec<_>>()
+        })
+        .map(|mut v| {
+            v.sort();
+            v
         })
         .unwrap_or_default()
 }
