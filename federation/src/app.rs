@@ -129,12 +129,7 @@ impl ConfigDump for SourceDump {
             .0
             .snapshot()
             .into_iter()
-            .map(|(k, h)| {
-                (
-                    format!("{k:?}"),
-                    serde_json::to_value(h).unwrap_or_default(),
-                )
-            })
+            .map(|(k, h)| (k, serde_json::to_value(h).unwrap_or_default()))
             .collect();
         serde_json::Value::Object(kinds)
     }
@@ -205,6 +200,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
     // read from its API server gets them there.
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let mut source_health = None;
+    let mut scopes: Vec<crate::source::Scope> = Kind::ALL.iter().map(|&k| k.into()).collect();
     let mut observed_exports = None;
     let kube_client = match &config.source {
         SourceConfig::Files { dir } => {
@@ -217,7 +213,8 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
         }
         SourceConfig::Kube(k) => {
             let (client, url) = crate::k8s::client(k).await?;
-            let source = KubeSource::new(client.clone());
+            let source = KubeSource::new(client.clone(), k.watch.clone());
+            scopes = source.scopes();
             source_health = Some(source.health());
             observed_exports = Some(source.observed_exports());
             tokio::spawn(
@@ -228,7 +225,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             Some((client, url))
         }
     };
-    let (mut store, mut objects) = Store::new(&Kind::ALL);
+    let (mut store, mut objects) = Store::new(scopes);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let (export_states_tx, export_states_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let locality = config.cluster.locality.clone();

@@ -40,6 +40,7 @@ impl Default for KubeSource {
                 .split_once('/')
                 .map(|(a, b)| (a.to_owned(), b.to_owned()))
                 .unwrap_or_default(),
+            watch: WatchSelection::default(),
         }
     }
 }
@@ -101,6 +102,23 @@ pub struct KubeSource {
     /// token the cluster's gateway identity (`gatewayServiceAccount:
     /// isthmus-system/isthmus-gateway`, the default).
     pub gateway_service_account: (String, String),
+    /// What is read (`namespaces`, `labelSelector`).
+    pub watch: WatchSelection,
+}
+
+/// Limits on what the kube source reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WatchSelection {
+    /// Only these namespaces (`namespaces: [a, b]`; empty: all). Each
+    /// namespaced kind is watched per namespace, so a Role in each is
+    /// enough to read. Nodes are always read cluster-wide.
+    pub namespaces: Vec<String>,
+    /// Only Services, ServiceExports and Istio policies with these labels
+    /// (`labelSelector: "mesh=isthmus"`, Kubernetes selector syntax, the
+    /// API server filters). An object it hides is as if absent: a
+    /// ServiceExport whose Service is hidden reports `NoService`.
+    /// EndpointSlices and Pods are selected through their Service.
+    pub label_selector: Option<String>,
 }
 
 /// The controller's whole configuration.
@@ -170,12 +188,37 @@ impl FromConfig for ControllerConfig {
                     Default::default()
                 }
             };
+            let namespaces: Vec<String> = k.or("namespaces", Vec::new());
+            for ns in &namespaces {
+                if isthmus_core::identity::spiffe::validate_cluster_name(ns).is_err() {
+                    k.error(
+                        "namespaces",
+                        format!("{ns:?} is not a namespace name"),
+                        "write namespace names (lowercase letters, digits and '-')",
+                    );
+                }
+            }
+            let label_selector: Option<String> = k.optional("labelSelector");
+            if label_selector
+                .as_deref()
+                .is_some_and(|l| l.trim().is_empty())
+            {
+                k.error(
+                    "labelSelector",
+                    "empty label selector",
+                    "remove it to read every object, or write one such as mesh=isthmus",
+                );
+            }
             let out = KubeSource {
                 kubeconfig: k.optional("kubeconfig"),
                 context: k.optional("context"),
                 namespace,
                 leader_election,
                 gateway_service_account,
+                watch: WatchSelection {
+                    namespaces,
+                    label_selector,
+                },
             };
             k.finish();
             out

@@ -217,9 +217,11 @@ async fn the_running_source_feeds_a_store_with_list_then_changes() {
     write(dir.path(), "helloworld.yaml", HELLOWORLD);
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(FilesSource::new(dir.path()).run(tx));
-    let (mut store, state) = Store::new(&Kind::ALL);
+    let (mut store, state) = Store::new(Kind::ALL.map(Into::into));
     // The first events are a full list, kind by kind.
-    assert_eq!(rx.recv().await.unwrap(), Event::Init(Kind::ALL[0]));
+    let first = rx.recv().await.unwrap();
+    assert_eq!(first, Event::Init(Kind::ALL[0].into()));
+    store.apply(first);
     let feeder = tokio::spawn(async move {
         while let Some(e) = rx.recv().await {
             store.apply(e);

@@ -66,6 +66,7 @@ impl Kube {
                 lease_duration: Duration::from_secs(2),
             },
             gateway_service_account: ("isthmus-system".into(), "isthmus-gateway".into()),
+            watch: Default::default(),
         });
         c
     }
@@ -800,4 +801,60 @@ async fn every_replica_hears_its_peers_and_a_handover_loses_and_duplicates_nothi
         west.api.get(SE, "sample", "db-clusterset").is_some()
     })
     .await;
+}
+
+/// `namespaces` and `labelSelector` limit what is read: one watcher per
+/// namespace (a Role there is enough), and the API server filters by
+/// label; what they hide is as if absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_and_a_label_selector_limit_what_is_read() {
+    let root = tempfile::tempdir().unwrap();
+    let (east, west) = east_and_west(root.path()).await;
+    let labelled = |y: String, name: &str| {
+        y.replace(
+            &format!("metadata: {{name: {name}, namespace: sample}}"),
+            &format!("metadata: {{name: {name}, namespace: sample, labels: {{mesh: isthmus}}}}"),
+        )
+    };
+    // sample/web: labelled; sample/api: not; other/db: labelled, but in
+    // a namespace not read.
+    west.apply(&labelled(workload("web", 80, 1, "v1", true), "web"))
+        .await;
+    west.apply(&workload("api", 8080, 1, "v1", true)).await;
+    west.apply(
+        &labelled(workload("db", 5432, 1, "v1", true), "db")
+            .replace("namespace: sample", "namespace: other"),
+    )
+    .await;
+    let _e = east.start(&[&west]).await;
+    let mut c = west.config(&[&east]);
+    if let SourceConfig::Kube(k) = &mut c.source {
+        k.watch.namespaces = vec!["sample".into()];
+        k.watch.label_selector = Some("mesh=isthmus".into());
+    }
+    let bundles = [east.cluster.bundle()];
+    let w = west.cluster.start(c, &bundles).await;
+    assert_eventually("east imports web", WAIT, async || {
+        east.api.get(SE, "sample", "web-clusterset").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exports: Vec<String> = w
+        .shared
+        .catalog
+        .borrow()
+        .exports
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(exports, ["sample/web"]);
+    assert!(east.api.get(SE, "sample", "api-clusterset").is_none());
+    assert!(east.api.get(SE, "other", "db-clusterset").is_none());
+    // Health per namespace; api's and db's exports are not this
+    // controller's to report on (no status written).
+    let (state, _) = source_state(&w, "Service/sample").await;
+    assert_eq!(state, "synced");
+    assert_eq!(source_state(&w, "Node").await.0, "synced");
+    assert!(condition(&west.api, "web", "Valid").is_some());
+    assert_eq!(condition(&west.api, "api", "Valid"), None);
 }

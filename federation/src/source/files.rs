@@ -353,7 +353,7 @@ impl FilesSource {
                     by_kind.entry(o.key.kind).or_default().push(o);
                 }
                 for kind in Kind::ALL {
-                    if tx.send(Event::Init(kind)).await.is_err() {
+                    if tx.send(Event::Init(kind.into())).await.is_err() {
                         return;
                     }
                     for o in by_kind.remove(&kind).unwrap_or_default() {
@@ -361,7 +361,7 @@ impl FilesSource {
                             return;
                         }
                     }
-                    if tx.send(Event::InitDone(kind)).await.is_err() {
+                    if tx.send(Event::InitDone(kind.into())).await.is_err() {
                         return;
                     }
                 }

@@ -27,7 +27,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use super::Event;
+use super::{Event, Scope};
+use crate::config::WatchSelection;
 use crate::k8s;
 use crate::objects::{ExportCondition, Kind, Object, ObjectKey, export_conditions, parse};
 
@@ -52,12 +53,12 @@ pub struct KindHealth {
 
 /// Each kind's [`KindHealth`].
 #[derive(Debug, Clone, Default)]
-pub struct SourceHealth(Arc<Mutex<BTreeMap<Kind, KindHealth>>>);
+pub struct SourceHealth(Arc<Mutex<BTreeMap<String, KindHealth>>>);
 
 impl SourceHealth {
-    fn set(&self, kind: Kind, resource: &str, state: &'static str, error: Option<String>) {
+    fn set(&self, scope: &Scope, resource: &str, state: &'static str, error: Option<String>) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            kind,
+            scope.to_string(),
             KindHealth {
                 resource: resource.to_owned(),
                 state,
@@ -66,7 +67,9 @@ impl SourceHealth {
         );
     }
 
-    pub fn snapshot(&self) -> BTreeMap<Kind, KindHealth> {
+    /// By scope: the kind (`Service`), or with `namespaces` set the kind
+    /// in one (`Service/sample`).
+    pub fn snapshot(&self) -> BTreeMap<String, KindHealth> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -78,6 +81,7 @@ pub type ObservedExports = BTreeMap<ServiceKey, Vec<ExportCondition>>;
 #[derive(Clone)]
 pub struct KubeSource {
     client: kube::Client,
+    selection: WatchSelection,
     health: SourceHealth,
     /// ServiceExport status, kept apart from the objects: the
     /// controller's own status writes echo back through the watch, and
@@ -94,9 +98,10 @@ impl std::fmt::Debug for KubeSource {
 type Events = BoxStream<'static, Result<WatchEvent<Value>, watcher::Error>>;
 
 impl KubeSource {
-    pub fn new(client: kube::Client) -> Self {
+    pub fn new(client: kube::Client, selection: WatchSelection) -> Self {
         Self {
             client,
+            selection,
             health: SourceHealth::default(),
             observed: Arc::new(watch::channel(ObservedExports::new()).0),
         }
@@ -134,32 +139,66 @@ impl KubeSource {
     /// Watches every kind until `tx` closes.
     pub async fn run(self, tx: mpsc::Sender<Event>) {
         let mut tasks = tokio::task::JoinSet::new();
-        for kind in Kind::ALL {
-            tasks.spawn(self.clone().watch_kind(kind, tx.clone()));
+        for scope in self.scopes() {
+            tasks.spawn(self.clone().watch_scope(scope, tx.clone()));
         }
         while tasks.join_next().await.is_some() {}
     }
 
+    /// What one watcher each covers: every kind, per namespace when
+    /// `namespaces` limits them (Nodes are cluster-wide).
+    pub fn scopes(&self) -> Vec<Scope> {
+        let mut out = Vec::new();
+        for kind in Kind::ALL {
+            if kind == Kind::Node || self.selection.namespaces.is_empty() {
+                out.push(kind.into());
+            } else {
+                out.extend(self.selection.namespaces.iter().map(|ns| Scope {
+                    kind,
+                    namespace: Some(ns.clone()),
+                }));
+            }
+        }
+        out
+    }
+
+    fn api<K>(&self, scope: &Scope, ar: &ApiResource) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = ApiResource, Scope = kube::core::DynamicResourceScope>,
+    {
+        match &scope.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
+            None => Api::all_with(self.client.clone(), ar),
+        }
+    }
+
     /// Whether the API server answers a list of `ar` (one object's
     /// metadata).
-    async fn answers(&self, ar: &ApiResource) -> bool {
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+    async fn answers(&self, scope: &Scope, ar: &ApiResource) -> bool {
+        let api: Api<DynamicObject> = self.api(scope, ar);
         api.list_metadata(&kube::api::ListParams::default().limit(1))
             .await
             .is_ok()
     }
 
-    fn stream(&self, kind: Kind, ar: &ApiResource) -> Events {
-        let cfg = watcher::Config::default();
+    fn stream(&self, scope: &Scope, ar: &ApiResource) -> Events {
+        let mut cfg = watcher::Config::default();
+        // The label selector picks Services, exports and policies;
+        // endpoints and Pods follow their Service, Nodes are all read.
+        if let Some(l) = &self.selection.label_selector
+            && !matches!(scope.kind, Kind::Pod | Kind::EndpointSlice | Kind::Node)
+        {
+            cfg = cfg.labels(l);
+        }
         let ar2 = ar.clone();
-        if kind == Kind::Pod {
-            let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(self.client.clone(), ar);
+        if scope.kind == Kind::Pod {
+            let api: Api<PartialObjectMeta<DynamicObject>> = self.api(scope, ar);
             watcher::watcher(api, cfg)
                 .default_backoff()
                 .map_ok(move |e| to_values(e, &ar2))
                 .boxed()
         } else {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+            let api: Api<DynamicObject> = self.api(scope, ar);
             watcher::watcher(api, cfg)
                 .default_backoff()
                 .map_ok(move |e| to_values(e, &ar2))
@@ -167,7 +206,8 @@ impl KubeSource {
         }
     }
 
-    async fn watch_kind(self, kind: Kind, tx: mpsc::Sender<Event>) {
+    async fn watch_scope(self, scope: Scope, tx: mpsc::Sender<Event>) {
+        let kind = scope.kind;
         // Whether this kind has ever been published (listed, or found
         // not installed): until then the store waits for it.
         let mut published = false;
@@ -183,12 +223,12 @@ impl KubeSource {
             let missing_before = self
                 .health
                 .snapshot()
-                .get(&kind)
+                .get(&scope.to_string())
                 .is_some_and(|h| h.state == "not installed");
             if !missing_before {
-                self.health.set(kind, &resource, "listing", None);
+                self.health.set(&scope, &resource, "listing", None);
             }
-            let mut events = self.stream(kind, &ar);
+            let mut events = self.stream(&scope, &ar);
             let mut last_error = String::new();
             // ServiceExports seen in a list in progress.
             let mut listed_exports = BTreeSet::new();
@@ -207,10 +247,10 @@ impl KubeSource {
                         biased;
                         item = events.next() => item,
                         () = tokio::time::sleep(RECOVERY_PROBE) => {
-                            if self.answers(&ar).await {
+                            if self.answers(&scope, &ar).await {
                                 info!(%resource, "the API server answers again; the watch resumes from its last version");
                                 last_error.clear();
-                                self.health.set(kind, &resource, "synced", None);
+                                self.health.set(&scope, &resource, "synced", None);
                             }
                             continue;
                         }
@@ -223,7 +263,7 @@ impl KubeSource {
                     Ok(WatchEvent::Init) => {
                         in_list = true;
                         listed_exports.clear();
-                        tx.send(Event::Init(kind)).await
+                        tx.send(Event::Init(scope.clone())).await
                     }
                     Ok(WatchEvent::InitApply(v)) => match object(kind, &v) {
                         Some(o) if kind == Kind::ServiceExport => {
@@ -241,16 +281,22 @@ impl KubeSource {
                         last_error.clear();
                         in_list = false;
                         published = true;
-                        self.health.set(kind, &resource, "synced", None);
+                        self.health.set(&scope, &resource, "synced", None);
                         if kind == Kind::ServiceExport {
                             let seen = std::mem::take(&mut listed_exports);
                             self.observed.send_if_modified(|m| {
                                 let before = m.len();
-                                m.retain(|k, _| seen.contains(k));
+                                m.retain(|k, _| {
+                                    scope
+                                        .namespace
+                                        .as_ref()
+                                        .is_some_and(|ns| *ns != k.namespace)
+                                        || seen.contains(k)
+                                });
                                 m.len() != before
                             });
                         }
-                        tx.send(Event::InitDone(kind)).await
+                        tx.send(Event::InitDone(scope.clone())).await
                     }
                     Ok(WatchEvent::Apply(v)) => match object(kind, &v) {
                         Some(o) => {
@@ -291,7 +337,7 @@ impl KubeSource {
                             warn!(%resource, error = %message, "the last good state stays in force");
                             last_error = message.clone();
                         }
-                        self.health.set(kind, &resource, "failing", Some(message));
+                        self.health.set(&scope, &resource, "failing", Some(message));
                         Ok(())
                     }
                 };
@@ -307,17 +353,17 @@ impl KubeSource {
                 if self
                     .health
                     .snapshot()
-                    .get(&kind)
+                    .get(&scope.to_string())
                     .is_none_or(|h| h.state != "not installed")
                 {
                     error!(%resource, error = %message, "kind not installed");
                 }
                 self.health
-                    .set(kind, &resource, "not installed", Some(message));
+                    .set(&scope, &resource, "not installed", Some(message));
                 // There can be none: an empty list, so the other kinds
                 // are published.
-                if tx.send(Event::Init(kind)).await.is_err()
-                    || tx.send(Event::InitDone(kind)).await.is_err()
+                if tx.send(Event::Init(scope.clone())).await.is_err()
+                    || tx.send(Event::InitDone(scope.clone())).await.is_err()
                 {
                     return;
                 }

@@ -2,8 +2,9 @@
 //! interface modelled on kube-rs's watcher, **per kind**: for each kind
 //! an initial list (`Init(kind)`, `InitApply`…, `InitDone(kind)`), then
 //! changes (`Apply`, `Delete`), and from time to time a relist of a kind.
-//! A Kubernetes source runs one watcher per resource type, each relisting
-//! on its own (after a 410 Gone, say); a relist replaces that kind only.
+//! A Kubernetes source runs one watcher per resource type (per namespace
+//! when limited to some: a [`Scope`]), each relisting on its own (after a
+//! 410 Gone, say); a relist replaces that scope only.
 //!
 //! [`Store`] applies the events. A list is applied sync-then-swap: the new
 //! set of that kind is built aside and replaces the old one whole at
@@ -26,16 +27,52 @@ use tokio::sync::watch;
 
 use crate::objects::{Kind, Object, ObjectKey};
 
+/// What one list covers: a kind, in every namespace or in one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    pub kind: Kind,
+    pub namespace: Option<String>,
+}
+
+impl From<Kind> for Scope {
+    fn from(kind: Kind) -> Self {
+        Self {
+            kind,
+            namespace: None,
+        }
+    }
+}
+
+impl Scope {
+    /// Whether an object with `key` belongs to this scope.
+    fn covers(&self, key: &ObjectKey) -> bool {
+        key.kind == self.kind
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == key.namespace)
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{:?}/{ns}", self.kind),
+            None => write!(f, "{:?}", self.kind),
+        }
+    }
+}
+
 /// One event from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A full list of one kind starts.
-    Init(Kind),
-    /// An object of a list in progress (of its own kind).
+    /// A full list of one scope starts.
+    Init(Scope),
+    /// An object of a list in progress (of its own scope).
     InitApply(Arc<Object>),
-    /// The list of this kind is complete: it replaces every object of the
-    /// kind; other kinds are untouched.
-    InitDone(Kind),
+    /// The list of this scope is complete: it replaces every object of
+    /// the scope; others are untouched.
+    InitDone(Scope),
     /// An object was created or changed.
     Apply(Arc<Object>),
     /// An object was deleted.
@@ -49,24 +86,24 @@ pub type Objects = BTreeMap<ObjectKey, Arc<Object>>;
 #[derive(Debug)]
 pub struct Store {
     current: Objects,
-    /// Lists in progress, by kind.
-    listing: BTreeMap<Kind, Objects>,
-    /// Kinds whose first list has not completed yet.
-    unlisted: BTreeSet<Kind>,
+    /// Lists in progress, by scope.
+    listing: BTreeMap<Scope, Objects>,
+    /// Scopes whose first list has not completed yet.
+    unlisted: BTreeSet<Scope>,
     tx: watch::Sender<Arc<Objects>>,
 }
 
 impl Store {
-    /// A store for a source that reads `kinds`, and the receiver consumers
-    /// watch. The receiver sees the first state only after each of
-    /// `kinds` has completed a list.
-    pub fn new(kinds: &[Kind]) -> (Self, watch::Receiver<Arc<Objects>>) {
+    /// A store for a source that reads `scopes`, and the receiver
+    /// consumers watch. The receiver sees the first state only after each
+    /// of `scopes` has completed a list.
+    pub fn new(scopes: impl IntoIterator<Item = Scope>) -> (Self, watch::Receiver<Arc<Objects>>) {
         let (tx, rx) = watch::channel(Arc::new(Objects::new()));
         (
             Self {
                 current: Objects::new(),
                 listing: BTreeMap::new(),
-                unlisted: kinds.iter().copied().collect(),
+                unlisted: scopes.into_iter().collect(),
                 tx,
             },
             rx,
@@ -100,23 +137,26 @@ impl Store {
     /// Applies one event; whether the visible state changed.
     fn apply_quietly(&mut self, event: Event) -> bool {
         match event {
-            Event::Init(kind) => {
-                self.listing.insert(kind, Objects::new());
+            Event::Init(scope) => {
+                self.listing.insert(scope, Objects::new());
                 false
             }
             Event::InitApply(o) => {
-                self.listing
-                    .entry(o.key.kind)
-                    .or_default()
-                    .insert(o.key.clone(), o);
+                if let Some(l) = self
+                    .listing
+                    .iter_mut()
+                    .find_map(|(s, l)| s.covers(&o.key).then_some(l))
+                {
+                    l.insert(o.key.clone(), o);
+                }
                 false
             }
-            Event::InitDone(kind) => {
-                let listed = self.listing.remove(&kind).unwrap_or_default();
-                self.unlisted.remove(&kind);
+            Event::InitDone(scope) => {
+                let listed = self.listing.remove(&scope).unwrap_or_default();
+                self.unlisted.remove(&scope);
                 let mut changed = false;
                 self.current.retain(|k, v| {
-                    let keep = k.kind != kind || listed.get(k) == Some(v);
+                    let keep = !scope.covers(k) || listed.get(k) == Some(v);
                     changed |= !keep;
                     keep
                 });
@@ -170,11 +210,11 @@ mod tests {
 
     #[test]
     fn a_batch_of_changes_is_published_whole() {
-        let (mut store, mut rx) = Store::new(&[SE]);
+        let (mut store, mut rx) = Store::new([SE.into()]);
         store.apply_batch([
-            Event::Init(SE),
+            Event::Init(SE.into()),
             Event::InitApply(obj("a")),
-            Event::InitDone(SE),
+            Event::InitDone(SE.into()),
         ]);
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
@@ -198,21 +238,21 @@ mod tests {
 
     #[test]
     fn a_resync_swaps_whole_and_drops_what_it_no_longer_lists() {
-        let (mut store, rx) = Store::new(&[SE]);
-        store.apply(Event::Init(SE));
+        let (mut store, rx) = Store::new([SE.into()]);
+        store.apply(Event::Init(SE.into()));
         store.apply(Event::InitApply(obj("a")));
         // Nothing visible mid-list.
         assert!(rx.borrow().is_empty());
         store.apply(Event::InitApply(obj("b")));
-        store.apply(Event::InitDone(SE));
+        store.apply(Event::InitDone(SE.into()));
         assert_eq!(rx.borrow().len(), 2);
 
         // A resync that no longer lists "a": the old state stays visible
         // until the list is done, then "a" is gone.
-        store.apply(Event::Init(SE));
+        store.apply(Event::Init(SE.into()));
         store.apply(Event::InitApply(obj("b")));
         assert_eq!(rx.borrow().len(), 2);
-        store.apply(Event::InitDone(SE));
+        store.apply(Event::InitDone(SE.into()));
         let names: Vec<_> = rx.borrow().keys().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["b"]);
 
@@ -225,29 +265,29 @@ mod tests {
     #[test]
     fn a_relist_of_one_kind_replaces_that_kind_only_and_nothing_shows_before_every_kind_listed() {
         let (svc, pol) = (Kind::Service, Kind::AuthorizationPolicy);
-        let (mut store, mut rx) = Store::new(&[svc, pol]);
+        let (mut store, mut rx) = Store::new([svc.into(), pol.into()]);
         store.apply_batch([
-            Event::Init(svc),
+            Event::Init(svc.into()),
             Event::InitApply(of(svc, "web")),
-            Event::InitDone(svc),
+            Event::InitDone(svc.into()),
         ]);
         assert!(
             !rx.has_changed().unwrap(),
             "policies not listed yet: publishing now would enforce no policy"
         );
         store.apply_batch([
-            Event::Init(pol),
+            Event::Init(pol.into()),
             Event::InitApply(of(pol, "deny")),
-            Event::InitDone(pol),
+            Event::InitDone(pol.into()),
         ]);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().len(), 2);
         // The Service watcher relists (after a 410 Gone, say) with a new
         // service: the policy stays.
         store.apply_batch([
-            Event::Init(svc),
+            Event::Init(svc.into()),
             Event::InitApply(of(svc, "api")),
-            Event::InitDone(svc),
+            Event::InitDone(svc.into()),
         ]);
         let names: Vec<_> = rx
             .borrow_and_update()
@@ -257,9 +297,9 @@ mod tests {
         assert_eq!(names, [(svc, "api".into()), (pol, "deny".into())]);
         // An identical relist publishes nothing.
         store.apply_batch([
-            Event::Init(pol),
+            Event::Init(pol.into()),
             Event::InitApply(of(pol, "deny")),
-            Event::InitDone(pol),
+            Event::InitDone(pol.into()),
         ]);
         assert!(!rx.has_changed().unwrap());
     }
