@@ -66,9 +66,17 @@ impl TestCluster {
         SpiffeId::controller(&self.domain.td, &self.name).unwrap()
     }
 
-    /// Writes a manifest file into this cluster's directory.
+    /// Writes a manifest file into this cluster's directory, atomically
+    /// (the source never reads it half-written: an empty file is a valid
+    /// manifest with nothing in it).
     pub fn write(&self, file: &str, yaml: &str) {
-        std::fs::write(self.dir.join(file), yaml).unwrap();
+        isthmus_core::identity::write_atomic_with(
+            &self.dir.join(file),
+            yaml.as_bytes(),
+            false,
+            false,
+        )
+        .unwrap();
     }
 
     /// The ServiceEntry file for `ns/name`, if written.

@@ -237,13 +237,12 @@ async fn a_stopped_peer_is_marked_stale_then_withdrawn_after_the_lease() {
 
     w.shutdown(Duration::from_secs(2)).await;
     assert_eventually("west marked stale", WAIT, async || e.status()[0].stale).await;
-    let se = east
-        .service_entry("sample", "helloworld")
-        .expect("kept while stale");
-    assert_eq!(
-        se["spec"]["endpoints"][0]["labels"]["isthmus.io/stale"],
-        "true"
-    );
+    // Kept, labelled stale (the sink writes on a thread of its own).
+    assert_eventually("the ServiceEntry says stale", WAIT, async || {
+        east.service_entry("sample", "helloworld")
+            .is_some_and(|se| se["spec"]["endpoints"][0]["labels"]["isthmus.io/stale"] == "true")
+    })
+    .await;
     assert!(!e.status()[0].connected);
     assert!(e.status()[0].last_disconnect_reason.is_some());
     assert_eventually("withdrawn after the lease", lease * 3, async || {
@@ -351,6 +350,11 @@ async fn conflicting_exports_are_reported_and_the_oldest_wins() {
     .await;
     let c = e.shared.conflicts.borrow()[0].clone();
     assert_eq!((c.winner.as_str(), c.excluded.as_str()), ("west", "eu"));
+    // The sink writes on a thread of its own, after the merge.
+    assert_eventually("east's ServiceEntry", WAIT, async || {
+        east.service_entry("sample", "helloworld").is_some()
+    })
+    .await;
     let se = east.service_entry("sample", "helloworld").unwrap();
     assert_eq!(se["spec"]["ports"][0]["number"], 5000);
     assert_eq!(se["spec"]["endpoints"].as_array().unwrap().len(), 1);
