@@ -51,6 +51,66 @@ pub async fn issued_cert(
     Ok((cert, renewal))
 }
 
+/// A signer that asks the controller's CA service at `controller`,
+/// proving who this component is with the token in `token_file` (re-read
+/// at every renewal: the kubelet rotates a projected ServiceAccount token
+/// in place), and checking the controller against the root in `ca_root`
+/// before sending it. Also returns the trust store of that root, which a
+/// component uses until the config stream brings every bundle.
+pub fn remote_signer(
+    controller: SocketAddr,
+    cluster: &ClusterSection,
+    token_file: &Path,
+    ca_root: &Path,
+) -> anyhow::Result<(Arc<dyn CertificateSigner>, Arc<TrustStore>)> {
+    let roots = std::fs::read_to_string(ca_root)
+        .with_context(|| format!("cannot read caRoot {}", ca_root.display()))?;
+    let roots = crate::identity::pem::certs_from_pem(&roots)
+        .map_err(|e| anyhow::anyhow!("caRoot {}: {e}", ca_root.display()))?;
+    // Read now to fail fast; again at every renewal.
+    std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?;
+    let trust = TrustStore::with_bundles([crate::identity::TrustBundle::new(
+        cluster.trust_domain.clone(),
+        roots,
+        0,
+    )])?;
+    let signer: Arc<dyn CertificateSigner> = Arc::new(crate::caclient::RemoteSigner {
+        addr: controller,
+        token: crate::caclient::BearerToken::File(token_file.to_owned()),
+        tls: crate::tls::client_config(
+            None,
+            trust.clone(),
+            controller_identity(cluster)?,
+            &[b"h2"],
+        ),
+    });
+    Ok((signer, trust))
+}
+
+/// [`issued_cert`] from a remote signer, asking again with back-off until
+/// it answers (the controller may start after the components it serves);
+/// `hint` tells the operator what to check meanwhile.
+pub async fn issued_cert_retrying(
+    id: SpiffeId,
+    signer: Arc<dyn CertificateSigner>,
+    ttl: Duration,
+    hint: &str,
+) -> (Arc<RotatingCert>, Renewal) {
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match issued_cert(id.clone(), signer.clone(), ttl).await {
+            Ok(c) => return c,
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(identity = %id, error = %e, retry_in = ?wait, "no certificate yet from the controller's CA ({hint})");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
 /// Renews a certificate until dropped.
 #[derive(Debug)]
 pub struct Renewal(tokio::task::JoinHandle<()>);
@@ -120,11 +180,22 @@ pub fn controller_identity(cluster: &ClusterSection) -> anyhow::Result<Expect> {
     )?))
 }
 
-/// The controller's address from a component's config (`controller:`).
+/// The controller's address from a component's config (`controller:`):
+/// an IP:port, or a name:port resolved once at start (in Kubernetes the
+/// controller's Service, whose address does not change).
 pub fn controller_address(value: &str) -> anyhow::Result<SocketAddr> {
-    value.parse().with_context(|| {
-        format!("controller {value:?} must be an IP:port (the controller's local port, 15010)")
-    })
+    if let Ok(a) = value.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs as _;
+    let mut addrs = value.to_socket_addrs().with_context(|| {
+        format!(
+            "controller {value:?} must be IP:port or name:port that resolves (the controller's local port, 15010; in Kubernetes isthmus-controller.isthmus-system.svc:15010)"
+        )
+    })?;
+    addrs
+        .next()
+        .with_context(|| format!("controller {value:?} resolves to no address"))
 }
 
 /// Runs `serve` on a multi-thread runtime named `name` with `workers`

@@ -32,8 +32,15 @@ pub struct GatewayConfig {
     /// The local controller's config and CA endpoint (host:port, 15010).
     pub controller: String,
     /// Files mode: the cluster CA directory the gateway issues its own
-    /// certificate from (until the controller's CA service serves it).
+    /// certificate from. Without it (Kubernetes), the gateway asks the
+    /// controller's CA with `tokenFile` and checks it against `caRoot`.
     pub ca_dir: Option<std::path::PathBuf>,
+    /// The gateway's projected ServiceAccount token (audience
+    /// `isthmus-ca`), or a bootstrap token `<token> gateway` of the
+    /// controller's caTokens.
+    pub token_file: Option<std::path::PathBuf>,
+    /// This cluster's root certificate (`root-cert.pem`).
+    pub ca_root: Option<std::path::PathBuf>,
     pub sidecar_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub idle_timeout: Duration,
@@ -56,6 +63,8 @@ impl FromConfig for GatewayConfig {
         let cluster = r.section::<ClusterSection>("cluster");
         let controller = r.required("controller");
         let ca_dir = r.optional("caDir");
+        let token_file = r.optional("tokenFile");
+        let ca_root = r.optional("caRoot");
         let listen = r.object("listen");
         let sidecar_addr = listen.or("sidecars", DEFAULT_SIDECAR_ADDR.parse().expect("default"));
         let peer_addr = listen.or("peers", DEFAULT_PEER_ADDR.parse().expect("default"));
@@ -78,6 +87,8 @@ impl FromConfig for GatewayConfig {
             cluster: cluster?,
             controller: controller?,
             ca_dir,
+            token_file,
+            ca_root,
             sidecar_addr,
             peer_addr,
             idle_timeout,

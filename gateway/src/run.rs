@@ -24,20 +24,38 @@ pub fn run(config_path: &Path, logs: Option<LogControl>) -> anyhow::Result<()> {
     // core (QUIC connection drivers spread across cores); admin, metrics
     // and readiness run on a thread of their own (core::admin).
     boot::block_on_runtime("gateway", None, || async move {
-        let Some(ca_dir) = &config.ca_dir else {
-            bail!(
-                "caDir is required: the gateway issues its certificate from the cluster CA (the directory `isthmus ca cluster` wrote)"
-            );
-        };
-        let ca = boot::load_cluster_ca(ca_dir, &config.cluster)?;
         let id = SpiffeId::gateway(&config.cluster.trust_domain, &config.cluster.name.0)?;
-        let signer: Arc<dyn CertificateSigner> = Arc::new(ca.clone());
-        let (cert, _renewal) = boot::issued_cert(id, signer, DEFAULT_LEAF_TTL).await?;
-        let trust = TrustStore::with_bundles([TrustBundle::new(
-            config.cluster.trust_domain.clone(),
-            vec![ca.root().clone()],
-            1,
-        )])?;
+        let (cert, _renewal, trust) = match (&config.ca_dir, &config.token_file, &config.ca_root) {
+            // Files mode: issued from the cluster CA directly.
+            (Some(ca_dir), _, _) => {
+                let ca = boot::load_cluster_ca(ca_dir, &config.cluster)?;
+                let signer: Arc<dyn CertificateSigner> = Arc::new(ca.clone());
+                let (cert, renewal) = boot::issued_cert(id, signer, DEFAULT_LEAF_TTL).await?;
+                let trust = TrustStore::with_bundles([TrustBundle::new(
+                    config.cluster.trust_domain.clone(),
+                    vec![ca.root().clone()],
+                    1,
+                )])?;
+                (cert, renewal, trust)
+            }
+            // Kubernetes: from the controller's CA, proven with the
+            // gateway's ServiceAccount token; no CA key in the pod.
+            (None, Some(token_file), Some(ca_root)) => {
+                let (signer, trust) =
+                    boot::remote_signer(controller, &config.cluster, token_file, ca_root)?;
+                let (cert, renewal) = boot::issued_cert_retrying(
+                    id,
+                    signer,
+                    DEFAULT_LEAF_TTL,
+                    "check `controller`, and that tokenFile holds the gateway ServiceAccount's projected token (the controller's gatewayServiceAccount) or a `<token> gateway` line of its caTokens",
+                )
+                .await;
+                (cert, renewal, trust)
+            }
+            _ => bail!(
+                "the gateway needs a certificate: set caDir (the directory `isthmus ca cluster` wrote), or tokenFile and caRoot to get one from the controller's CA"
+            ),
+        };
         let node = Node {
             kind: Kind::Gateway as i32,
             name: format!("{}-gateway", config.cluster.name),

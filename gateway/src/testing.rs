@@ -95,6 +95,8 @@ pub fn config(c: &Cluster) -> GatewayConfig {
         },
         controller: "127.0.0.1:15010".into(),
         ca_dir: None,
+        token_file: None,
+        ca_root: None,
         sidecar_addr: any,
         peer_addr: any,
         idle_timeout: Duration::from_secs(30),

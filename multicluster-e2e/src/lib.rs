@@ -653,12 +653,30 @@ impl Harness {
                 ),
             )?;
         }
+        // Kube mode: no CA key with the gateway; its ServiceAccount's
+        // token gets it a certificate from the controller.
+        let gateway_cert = match &c.api {
+            Some(api) => {
+                let token = format!("{}-gateway-sa-token", s.name);
+                std::fs::write(c.dir.join("token-gateway"), format!("{token}\n"))?;
+                api.add_service_account_token(
+                    &token,
+                    kube::CONTROLLER_NAMESPACE,
+                    "isthmus-gateway",
+                );
+                format!(
+                    "tokenFile: {}\ncaRoot: {}",
+                    d("token-gateway"),
+                    d("ca/root-cert.pem")
+                )
+            }
+            None => format!("caDir: {}", d("ca")),
+        };
         std::fs::write(
             c.dir.join("gateway.yaml"),
             format!(
-                "kind: Gateway\n{cluster}\ncontroller: \"{ctl}:15010\"\ncaDir: {ca}\n\
+                "kind: Gateway\n{cluster}\ncontroller: \"{ctl}:15010\"\n{gateway_cert}\n\
                  listen: {{sidecars: \"{gw}:15443\", peers: \"{gw}:15443\"}}\n{a}\n",
-                ca = d("ca"),
                 a = admin(gw),
             ),
         )?;

@@ -4,17 +4,12 @@
 //! `isthmus-proxy` binary.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use isthmus_core::backoff::Backoff;
+use anyhow::bail;
 use isthmus_core::boot;
-use isthmus_core::caclient::RemoteSigner;
-use isthmus_core::identity::{CertificateSigner, SpiffeId, TrustBundle, TrustStore};
+use isthmus_core::identity::SpiffeId;
 use isthmus_core::telemetry::LogControl;
 use isthmus_proto::config::v1::{Node, node::Kind};
-use tracing::warn;
 
 use crate::app::{Deps, build};
 use crate::config::ProxyConfig;
@@ -36,15 +31,7 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             "caRoot is required: the sidecar checks the controller against this cluster's root certificate before sending it the token (the CA directory's root-cert.pem)"
         );
     };
-    let roots = std::fs::read_to_string(ca_root)
-        .with_context(|| format!("cannot read caRoot {}", ca_root.display()))?;
-    let roots = isthmus_core::identity::pem::certs_from_pem(&roots)
-        .map_err(|e| anyhow::anyhow!("caRoot {}: {e}", ca_root.display()))?;
-    // Read now to fail fast, and again at every renewal: a projected
-    // ServiceAccount token is rotated in place by the kubelet.
-    std::fs::read_to_string(token_file)
-        .with_context(|| format!("cannot read tokenFile {}", token_file.display()))?;
-    let token = isthmus_core::caclient::BearerToken::File(token_file.clone());
+    let (signer, trust) = boot::remote_signer(controller, &config.cluster, token_file, ca_root)?;
     boot::block_on_runtime("proxy", Some(workers), || async move {
         let w = &config.workload;
         let ttl = config.certificate_ttl;
@@ -53,35 +40,14 @@ pub fn run(config_path: &Path, workers: usize, logs: Option<LogControl>) -> anyh
             &w.namespace,
             &w.service_account,
         )?;
-        // This cluster's root until the config stream brings the bundles.
-        let trust = TrustStore::with_bundles([TrustBundle::new(
-            config.cluster.trust_domain.clone(),
-            roots,
-            0,
-        )])?;
-        let signer: Arc<dyn CertificateSigner> = Arc::new(RemoteSigner {
-            addr: controller,
-            token,
-            tls: isthmus_core::tls::client_config(
-                None,
-                trust.clone(),
-                boot::controller_identity(&config.cluster)?,
-                &[b"h2"],
-            ),
-        });
         // The controller may start after its sidecars: keep asking.
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let (cert, _renewal) = loop {
-            match boot::issued_cert(id.clone(), signer.clone(), ttl).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    warn!(identity = %id, error = %e, retry_in = ?wait,
-                        "no certificate yet from the controller's CA (check `controller` and that the token in tokenFile is in its caTokens)");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        };
+        let (cert, _renewal) = boot::issued_cert_retrying(
+            id,
+            signer,
+            ttl,
+            "check `controller` and that the token in tokenFile is in its caTokens, or is this pod's projected ServiceAccount token",
+        )
+        .await;
         // Bundles (this cluster's and every peer's) come with the config.
         let node = Node {
             kind: Kind::Sidecar as i32,
