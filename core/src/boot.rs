@@ -184,18 +184,26 @@ pub fn controller_identity(cluster: &ClusterSection) -> anyhow::Result<Expect> {
 /// an IP:port, or a name:port resolved once at start (in Kubernetes the
 /// controller's Service, whose address does not change).
 pub fn controller_address(value: &str) -> anyhow::Result<SocketAddr> {
+    resolve(
+        "controller",
+        value,
+        "the controller's local port, 15010; in Kubernetes isthmus-controller.isthmus-system.svc:15010",
+    )
+}
+
+/// An address from a config field: IP:port, or name:port resolved now
+/// (Services' addresses do not change); `what` says what it should be.
+pub fn resolve(field: &str, value: &str, what: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(a) = value.parse() {
         return Ok(a);
     }
     use std::net::ToSocketAddrs as _;
     let mut addrs = value.to_socket_addrs().with_context(|| {
-        format!(
-            "controller {value:?} must be IP:port or name:port that resolves (the controller's local port, 15010; in Kubernetes isthmus-controller.isthmus-system.svc:15010)"
-        )
+        format!("{field} {value:?} must be IP:port or a name:port that resolves ({what})")
     })?;
     addrs
         .next()
-        .with_context(|| format!("controller {value:?} resolves to no address"))
+        .with_context(|| format!("{field} {value:?} resolves to no address ({what})"))
 }
 
 /// Runs `serve` on a multi-thread runtime named `name` with `workers`

@@ -158,6 +158,17 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
 
     let (table_tx, table_rx) = watch::channel(Arc::new(Table::new(deps.state.borrow().clone())));
 
+    let gateway = config
+        .gateway
+        .as_deref()
+        .map(|g| {
+            isthmus_core::boot::resolve(
+                "gateway",
+                g,
+                "the local east-west gateway's sidecar port, 15443",
+            )
+        })
+        .transpose()?;
     let mut locality = config.cluster.locality.clone();
     if !w.zone.is_empty() {
         locality.zone = w.zone.clone();
@@ -191,7 +202,7 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
         principal,
         identity: identity.clone(),
         table: table_rx.clone(),
-        lb: lb::Balancers::new(locality, config.gateway, metrics.clone()),
+        lb: lb::Balancers::new(locality, gateway, metrics.clone()),
         mesh: upstream::MeshPool::new(deps.certs.clone(), deps.trust.clone()),
         app,
         app_h2,
@@ -205,7 +216,6 @@ pub async fn build(config: ProxyConfig, deps: Deps) -> anyhow::Result<Bound> {
     let mut state = deps.state.clone();
     let follow_drain = drain.signal();
     let follow_ctx = ctx.clone();
-    let gateway = config.gateway;
     tokio::spawn(
         async move {
             let mut first = Some(first_config);

@@ -49,8 +49,9 @@ pub struct ProxyConfig {
     /// before sending it the token (Istio mounts it as
     /// `istio-ca-root-cert`).
     pub ca_root: Option<PathBuf>,
-    /// The local east-west gateway (IP:port, tcp/15443): the remote tier.
-    pub gateway: Option<SocketAddr>,
+    /// The local east-west gateway (IP:port or name:port, tcp/15443): the
+    /// remote tier. A name (the gateway's Service) is resolved at start.
+    pub gateway: Option<String>,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     /// Transparent outbound listener (iptables REDIRECT target; the
@@ -89,7 +90,17 @@ impl FromConfig for ProxyConfig {
         let controller = r.required("controller");
         let token_file = r.optional("tokenFile");
         let ca_root = r.optional("caRoot");
-        let gateway = r.optional("gateway");
+        let gateway: Option<String> = r.optional("gateway");
+        if let Some(g) = &gateway
+            && g.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            r.error(
+                "gateway",
+                format!("{g:?} is not host:port"),
+                "write the local gateway's address, e.g. 10.0.0.20:15443 or isthmus-gateway.isthmus-system.svc:15443",
+            );
+        }
         let access_log = r.or("accessLog", true);
         let certificate_ttl = r.or("certificateTtl", DEFAULT_CERTIFICATE_TTL);
         let listen = r.object("listen");

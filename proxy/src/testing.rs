@@ -98,7 +98,7 @@ pub fn config(
         controller: "127.0.0.1:15010".into(),
         token_file: None,
         ca_root: None,
-        gateway,
+        gateway: gateway.map(|g| g.to_string()),
         outbound_addr: any,
         inbound_addr: any,
         transparent_addr: None,
