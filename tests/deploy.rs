@@ -381,3 +381,58 @@ fn each_overlays_isthmus_configuration_passes_config_check() {
         );
     }
 }
+
+/// Every Isthmus container in `deploy/` runs a command the image has: the
+/// Dockerfile builds that binary, and the subcommand exists in it.
+#[test]
+fn every_container_runs_a_command_the_image_has() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let mut seen = 0;
+    let mut objects = render("deploy/overlays/east");
+    objects.extend(render("deploy/sample"));
+    for o in &objects {
+        let containers = o["spec"]["template"]["spec"]["containers"].as_array();
+        for c in containers.into_iter().flatten() {
+            if c["image"] != "isthmus:dev" {
+                continue;
+            }
+            let bin = c["command"][0].as_str().unwrap_or("isthmus");
+            assert!(
+                dockerfile.contains(&format!("--bin {bin}")),
+                "{}: the Dockerfile does not build {bin}",
+                name(o)
+            );
+            let exe = match bin {
+                "isthmus" => env!("CARGO_BIN_EXE_isthmus"),
+                "isthmus-proxy" => env!("CARGO_BIN_EXE_isthmus-proxy"),
+                other => panic!("{}: unknown binary {other}", name(o)),
+            };
+            let mut args: Vec<&str> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            // The subcommand (if any) and --help: it parses.
+            args.retain(|a| !a.starts_with("--") && !a.contains('/') && !a.contains(':'));
+            args.truncate(usize::from(bin == "isthmus"));
+            let out = Command::new(exe)
+                .args(&args)
+                .arg("--help")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: `{bin} {} --help` fails: {}",
+                name(o),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen, 5,
+        "controller, gateway, helloworld's app and sidecar, sleep's sidecar"
+    );
+}
