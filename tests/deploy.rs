@@ -317,6 +317,22 @@ fn rbac_grants_the_controller_only_what_it_uses() {
     assert!(ns.iter().any(|(_, r, v)| r == "secrets" && v == "create"));
 }
 
+/// Writes `text` to `path` and asserts `isthmus config check` passes it.
+fn config_check(path: &Path, text: &str, what: &str) {
+    std::fs::write(path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(["config", "check"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The configurations in each overlay's ConfigMap, with the node address
 /// filled in as `kind-configs/up.sh` does, pass `isthmus config check`,
 /// and name the overlay's cluster.
@@ -340,18 +356,10 @@ fn each_overlays_isthmus_configuration_passes_config_check() {
                 .unwrap_or_else(|| panic!("{c}: no {file}"))
                 .replace("ISTHMUS_NODE_IP", "172.18.0.2");
             assert!(text.contains(&format!("name: {c}")), "{c}/{file}: {text}");
-            let path = dir.path().join(format!("{c}-{file}"));
-            std::fs::write(&path, &text).unwrap();
-            let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-                .args(["config", "check"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{c}/{file}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            config_check(
+                &dir.path().join(format!("{c}-{file}")),
+                &text,
+                &format!("{c}/{file}"),
             );
         }
     }
@@ -365,20 +373,7 @@ fn each_overlays_isthmus_configuration_passes_config_check() {
             .unwrap()
             .replace("CLUSTER", "east")
             .replace("REGION", "us-east1");
-        let path = dir.path().join("proxy.yaml");
-        std::fs::write(&path, &text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-            .args(["config", "check"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}{}",
-            name(cm),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        config_check(&dir.path().join("proxy.yaml"), &text, &name(cm));
     }
 }
 

@@ -1235,6 +1235,42 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// SIGKILLs `cluster`'s controller and starts it again, checking on
+    /// the way what a user would notice: while it is down its sidecars
+    /// keep importing helloworld from `imported` and calls still succeed;
+    /// afterwards it is ready and every cluster synced again.
+    pub async fn restart_controller(
+        &mut self,
+        cluster: &str,
+        imported: &[&str],
+    ) -> anyhow::Result<()> {
+        self.kill_controller(cluster);
+        for _ in 0..10 {
+            let have = self.imported(cluster).await;
+            if have != imported {
+                bail!(
+                    "{cluster} imports from {have:?} while its controller is down, expected {imported:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let a = self.traffic(cluster, 5).await;
+        if !failures(&a).is_empty() {
+            bail!("calls failed while {cluster}'s controller was down: {a:?}");
+        }
+        self.start_controller(cluster)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        wait_ready(
+            self.cluster(cluster).controller_readiness(),
+            deadline,
+            &format!("{cluster} controller"),
+        )
+        .await?;
+        self.wait_synced(deadline).await
+    }
+}
+
 /// The failed answers among [`Harness::traffic`]'s.
 pub fn failures(answers: &[String]) -> Vec<&String> {
     answers.iter().filter(|a| a.starts_with("FAILED")).collect()
