@@ -113,6 +113,40 @@ pub fn parse<T: FromConfig>(path: &Path, text: &str) -> Result<T, ConfigError> {
     }
 }
 
+/// Every field path `T` reads from documents shaped like `seeds` (YAML;
+/// a seed chooses branches, e.g. `source: {kube: {}}`, and gives lists one
+/// item so their fields are read): `cluster.name`, `peers[].address`.
+/// What the configuration reference must document.
+pub fn field_paths<T: FromConfig>(seeds: &[&str]) -> BTreeSet<String> {
+    let asked = Rc::new(RefCell::new(BTreeSet::new()));
+    for seed in seeds {
+        let tree: Value = serde_saphyr::from_str(seed).unwrap_or_default();
+        let mut reader = Reader::root(&tree, Rc::new(RefCell::new(Vec::new())));
+        reader.asked = Some(asked.clone());
+        let _ = T::read(&reader);
+    }
+    asked
+        .borrow()
+        .iter()
+        .map(|p| {
+            let mut s = String::new();
+            let mut skip = false;
+            for ch in p.chars() {
+                match ch {
+                    '[' => {
+                        s.push_str("[]");
+                        skip = true;
+                    }
+                    ']' => skip = false,
+                    _ if skip => {}
+                    c => s.push(c),
+                }
+            }
+            s
+        })
+        .collect()
+}
+
 /// Reads and parses a config file.
 pub fn load<T: FromConfig>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -151,6 +185,8 @@ pub struct Reader<'a> {
     value: Option<&'a serde_json::Map<String, Value>>,
     errors: Rc<RefCell<Vec<FieldError>>>,
     seen: RefCell<BTreeSet<String>>,
+    /// Every field path asked for ([`field_paths`]), shared by the tree.
+    asked: Option<Rc<RefCell<BTreeSet<String>>>>,
 }
 
 impl<'a> Reader<'a> {
@@ -160,6 +196,7 @@ impl<'a> Reader<'a> {
             value: value.as_object(),
             errors,
             seen: RefCell::default(),
+            asked: None,
         };
         if r.value.is_none() {
             r.push(
@@ -194,6 +231,9 @@ impl<'a> Reader<'a> {
 
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.seen.borrow_mut().insert(key.to_owned());
+        if let Some(a) = &self.asked {
+            a.borrow_mut().insert(self.child_path(key));
+        }
         self.value.and_then(|m| m.get(key)).filter(|v| !v.is_null())
     }
 
@@ -249,6 +289,7 @@ impl<'a> Reader<'a> {
             value,
             errors: self.errors.clone(),
             seen: RefCell::default(),
+            asked: self.asked.clone(),
         }
     }
 
@@ -296,6 +337,7 @@ impl<'a> Reader<'a> {
                         value,
                         errors: self.errors.clone(),
                         seen: RefCell::default(),
+                        asked: self.asked.clone(),
                     }
                 })
                 .collect(),

@@ -78,14 +78,20 @@ impl FromConfig for ProxyConfig {
         );
         let labels = w.or("labels", BTreeMap::new());
         let zone = w.or("zone", String::new());
-        let workload = Some(WorkloadSection {
-            name: name?,
-            namespace: namespace?,
-            service_account: service_account?,
-            app: app?,
-            labels,
-            zone,
-        });
+        // No early return: the fields below are read (and checked) too.
+        let workload = match (name, namespace, service_account, app) {
+            (Some(name), Some(namespace), Some(service_account), Some(app)) => {
+                Some(WorkloadSection {
+                    name,
+                    namespace,
+                    service_account,
+                    app,
+                    labels,
+                    zone,
+                })
+            }
+            _ => None,
+        };
         w.finish();
         let controller = r.required("controller");
         let token_file = r.optional("tokenFile");
