@@ -248,6 +248,69 @@ fn the_demo_comes_up_prints_ready_and_survives_its_failover_scenario() {
     assert!(dir.path().join("precious").exists());
 }
 
+/// `kill <demo pid>` (SIGTERM, as `timeout`, systemd or a CI runner
+/// send) stops every process the demo started, so the next demo can bind
+/// its addresses.
+#[test]
+fn a_demo_stopped_with_sigterm_leaves_no_process_behind() {
+    use std::io::BufRead as _;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _serial = rt.block_on(SERIAL.lock());
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let net = NET.fetch_add(3, Ordering::Relaxed).to_string();
+    let mut child = std::process::Command::new(bin())
+        .args(["demo", "--net", &net, "--dir"])
+        .arg(&demo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("ready"));
+    assert!(ready, "the demo never printed ready");
+    let demo_pid = child.id();
+    let ours = || -> Vec<String> {
+        let needle = demo.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                (pid != demo_pid && cmd.contains(&needle)).then(|| format!("{pid}: {cmd}"))
+            })
+            .collect()
+    };
+    let before = ours();
+    assert!(before.len() >= 10, "the demo's processes: {before:?}");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &demo_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the demo ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM: stopping")),
+        "{rest:?}"
+    );
+    // Children are reaped as the harness drops; nothing of the demo runs.
+    assert_eq!(ours(), Vec::<String>::new(), "left running after SIGTERM");
+}
+
 /// The network-namespace tier needs root; CI runs as root. Elsewhere it
 /// fails with the reason unless ISTHMUS_SKIP_NETNS is set, which skips it
 /// and says so.

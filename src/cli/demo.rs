@@ -74,38 +74,53 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let started = Instant::now();
         let mut h = Harness::new(&bin, &args.dir, demo_clusters(args.net))?;
-        println!("starting 3 clusters (east, west, eu) in {}", args.dir.display());
-        h.start_all(Duration::from_secs(60)).await.with_context(|| {
-            format!(
-                "the demo did not come up (is another demo running? its addresses are 127.0.{}-{}.x); logs are in {}",
-                args.net,
-                args.net + 2,
-                args.dir.join("logs").display()
-            )
-        })?;
-        let samples = samples(&h).await?;
-        print_guide(&h, &args);
-        println!("{samples}");
-        println!("ready ({:.1} s)", started.elapsed().as_secs_f64());
-        match args.scenario {
-            Some(Scenario::Failover) => failover(&mut h).await?,
-            None => {
-                let stop = async {
-                    match args.duration {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = stop => {}
-                    _ = tokio::signal::ctrl_c() => println!("\nstopping"),
-                }
+        // SIGTERM (what `timeout`, systemd or a CI runner sends) or SIGINT,
+        // at any point: the harness is dropped, which stops every
+        // controller, gateway and sidecar process it started.
+        let outcome = tokio::select! {
+            r = demo(&mut h, &args, started) => r,
+            sig = isthmus_core::signal::shutdown_requested() => {
+                println!("\n{sig}: stopping");
+                Ok(())
             }
-        }
+        };
         drop(h);
-        println!("demo stopped; manifests and logs stay in {}", args.dir.display());
-        Ok(())
+        println!(
+            "demo stopped; manifests and logs stay in {}",
+            args.dir.display()
+        );
+        outcome
     })
+}
+
+/// Brings the mesh up, prints the guide, then runs the scenario or waits.
+async fn demo(h: &mut Harness, args: &DemoArgs, started: Instant) -> anyhow::Result<()> {
+    println!(
+        "starting 3 clusters (east, west, eu) in {}",
+        args.dir.display()
+    );
+    h.start_all(Duration::from_secs(60)).await.with_context(|| {
+        format!(
+            "the demo did not come up (is another demo running? its addresses are 127.0.{}-{}.x); logs are in {}",
+            args.net,
+            args.net + 2,
+            args.dir.join("logs").display()
+        )
+    })?;
+    let samples = samples(h).await?;
+    print_guide(h, args);
+    println!("{samples}");
+    println!("ready ({:.1} s)", started.elapsed().as_secs_f64());
+    match args.scenario {
+        Some(Scenario::Failover) => failover(h).await,
+        None => {
+            match args.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A VirtualService in east sends `x-subset: v2` to subset v2, which only
