@@ -129,8 +129,11 @@ pub(crate) struct Inner {
     pub flaps: u32,
 }
 
-/// Ended sessions' link states kept per peer for resuming.
-pub const PARKED_LINKS: usize = 4;
+/// Ended sessions' link states kept per peer for resuming: one per
+/// replica of a peer running two. Each may hold a copy of the peer's
+/// catalogue (shared with the one in force until either changes), so a
+/// peer that restarts often does not pile copies up.
+pub const PARKED_LINKS: usize = 2;
 
 /// One session's state: with one process of the peer (its `epoch`).
 #[derive(Debug, Default)]
