@@ -252,7 +252,7 @@ fn the_demo_comes_up_prints_ready_and_survives_its_failover_scenario() {
 /// send) stops every process the demo started, so the next demo can bind
 /// its addresses.
 #[test]
-fn a_demo_stopped_with_sigterm_leaves_no_process_behind() {
+fn isthmus_verify_passes_on_the_demo_and_sigterm_leaves_no_process_behind() {
     use std::io::BufRead as _;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _serial = rt.block_on(SERIAL.lock());
@@ -289,6 +289,57 @@ fn a_demo_stopped_with_sigterm_leaves_no_process_behind() {
     };
     let before = ours();
     assert!(before.len() >= 10, "the demo's processes: {before:?}");
+
+    // `isthmus verify --demo`: federation between every pair, a QUIC path
+    // from every gateway to every other, and a request from east that
+    // west answers with east's caller identity.
+    let verify = |extra: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(["verify", "--demo", "--net", &net])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let t = std::time::Instant::now();
+    let (ok, text, err) = loop {
+        // Gateways measure their paths' RTT once traffic or probes flowed.
+        let r = verify(&[]);
+        if r.0 || t.elapsed() > Duration::from_secs(15) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(ok, "{text}{err}");
+    let passes = text.lines().filter(|l| l.starts_with("PASS")).count();
+    assert_eq!(passes, 6 + 6 + 1, "{text}");
+    assert!(
+        text.contains("PASS  east ↔ west: federation connected"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PASS  eu → east: gateway QUIC handshake done"),
+        "{text}"
+    );
+    assert!(
+        text.contains("helloworld v2 from west")
+            && text.contains("caller spiffe://east.local/ns/sample/sa/sleep"),
+        "{text}"
+    );
+    // A controller that is not there fails verify, naming it and the fix.
+    let bogus = format!("127.0.{net}.9:15000");
+    let (ok, text, err) = verify(&["--controller", &bogus]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("FAIL  controller at {bogus}: unreachable"))
+            && text.contains("is it running")
+            && err.contains("1 of 14 checks failed"),
+        "{text}{err}"
+    );
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &demo_pid.to_string()])
         .status()

@@ -134,6 +134,40 @@ async fn kube_an_export_applied_with_kubectl_is_a_service_entry_and_a_cross_clus
         .expect("east has helloworld's ServiceImport");
     assert_eq!(imports["spec"]["type"], "ClusterSetIP", "{imports}");
 
+    // `isthmus verify` on the kube tier: federation, gateway paths, and a
+    // request through east's client sidecar.
+    let mut args: Vec<String> = vec!["verify".into()];
+    for c in &h.clusters {
+        args.extend(["--controller".into(), c.controller_admin().to_string()]);
+        args.extend(["--gateway".into(), c.gateway_admin().to_string()]);
+    }
+    args.extend([
+        "--client".into(),
+        h.cluster("east").client().outbound().to_string(),
+    ]);
+    let t = Instant::now();
+    let out = loop {
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        if out.status.success() || t.elapsed() > Duration::from_secs(15) {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("PASS")).count(),
+        13,
+        "{text}"
+    );
+
     // Local first; the caller's identity reaches the app.
     let mut c = Client::new(h.cluster("east").client().outbound());
     let a = c.get(HELLO_URL).await;

@@ -31,6 +31,20 @@ pub trait ConfigDump: Send + Sync {
     fn dump(&self) -> serde_json::Value;
 }
 
+/// A section whose value never changes (`cluster`: the component's
+/// cluster name, so a reader of several dumps knows which is which).
+#[derive(Debug)]
+pub struct FixedDump(pub &'static str, pub serde_json::Value);
+
+impl ConfigDump for FixedDump {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn dump(&self) -> serde_json::Value {
+        self.1.clone()
+    }
+}
+
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 #[error(

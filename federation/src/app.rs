@@ -573,6 +573,7 @@ pub async fn build(config: ControllerConfig, deps: Deps) -> anyhow::Result<Bound
             Arc::new(ProblemsDump(shared.catalog.clone())),
             Arc::new(LinksDump(shared.clone())),
             Arc::new(MeshDump(mesh_rx.clone())),
+            Arc::new(admin::FixedDump("cluster", shared.cluster.clone().into())),
         ]
         .into_iter()
         .chain(source_health.map(|h| Arc::new(SourceDump(h)) as Arc<dyn ConfigDump>))

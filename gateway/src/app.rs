@@ -189,6 +189,10 @@ pub async fn build(config: GatewayConfig, deps: Deps) -> anyhow::Result<Bound> {
         vec![
             Arc::new(StateDump(deps.state.clone())) as Arc<dyn ConfigDump>,
             Arc::new(PeersDump(pool.clone(), deps.state.clone())),
+            Arc::new(isthmus_core::admin::FixedDump(
+                "cluster",
+                config.cluster.name.0.clone().into(),
+            )),
         ],
         deps.logs,
         registry,

@@ -176,8 +176,9 @@ fn print_guide(h: &Harness, args: &DemoArgs) {
          \x20 curl -x http://{client} {URL}\n\
          \x20 curl -x http://{client} -H 'x-subset: v2' {URL}   # v2 runs only in west: crosses clusters\n\
          \x20 curl -x http://{client} http://helloworld.sample.svc.clusterset.local:5000/hello\n\
-         see what east's controller knows of its peers:\n\
+         see what east's controller knows of its peers, and check the whole mesh:\n\
          \x20 {me} status --controller {}\n\
+         \x20 {me} verify --demo --net {net}\n\
          withdraw west's export (watch `status` and east's imports change), then restore it:\n\
          \x20 mv {m}/helloworld-export.yaml {d}/\n\
          \x20 mv {d}/helloworld-export.yaml {m}/\n\
@@ -191,6 +192,7 @@ fn print_guide(h: &Harness, args: &DemoArgs) {
         args.dir.join("logs").display(),
         m = h.cluster("west").manifests().display(),
         d = args.dir.display(),
+        net = args.net,
     );
 }
 

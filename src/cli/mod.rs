@@ -16,6 +16,7 @@ mod proxy;
 #[cfg(feature = "demo")]
 mod sample;
 mod status;
+mod verify;
 
 /// Isthmus: one service mesh across several Kubernetes clusters.
 #[derive(Debug, Parser)]
@@ -61,6 +62,9 @@ pub enum Command {
     SampleApp(sample::SampleArgs),
     /// Show what a controller knows of its peers.
     Status(status::StatusArgs),
+    /// Check that the mesh works end to end: federation, gateway paths,
+    /// a request through a sidecar carrying the caller's identity.
+    Verify(verify::VerifyArgs),
     /// Check a cluster's configuration (a directory of manifests, or what
     /// a running controller could not apply), with codes and severities.
     Analyze(analyze::AnalyzeArgs),
@@ -81,6 +85,7 @@ pub fn run(
         Command::Gateway(c) => gateway::run(c, logs),
         Command::Proxy(c) => proxy::run(c, logs),
         Command::Status(c) => status::run(c),
+        Command::Verify(c) => verify::run(c),
         Command::Analyze(c) => analyze::run(c),
         #[cfg(feature = "demo")]
         Command::SampleApp(c) => sample::run(c),
