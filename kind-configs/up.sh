@@ -2,7 +2,7 @@
 # Three kind clusters (east, west, eu) joined into one Isthmus mesh:
 # creates the clusters, builds and loads the image, gives each cluster its
 # CA, installs Isthmus (deploy/), links every pair, deploys the sample
-# with its sidecars, and checks a cross-cluster call.
+# with its sidecars, checks a cross-cluster call, and runs isthmus verify.
 #
 #   kind-configs/up.sh [--dry-run] [--clusters "east west eu"] [--image isthmus:dev] [--skip-build]
 #
@@ -182,4 +182,36 @@ run kubectl --context "kind-$first" -n sample scale deployment/helloworld-v1 --r
 run sleep 5
 run kubectl --context "kind-$first" -n sample exec deploy/sleep -c app -- curl -sS -x 127.0.0.1:15001 "$url"
 run kubectl --context "kind-$first" -n sample scale deployment/helloworld-v1 --replicas=1
+
+say "isthmus verify"
+# The admin APIs listen on each pod's loopback: forward them here.
+forwards=()
+verify_args=()
+port=25000
+# forward FLAG CONTEXT NAMESPACE TARGET REMOTE_PORT: forwards the next
+# local port to it and adds `FLAG 127.0.0.1:PORT` to verify's arguments.
+forward() {
+  printf '+ kubectl --context %s -n %s port-forward %s %s:%s &\n' "$2" "$3" "$4" "$port" "$5"
+  if [ "$DRY" = 0 ]; then
+    kubectl --context "$2" -n "$3" port-forward "$4" "$port:$5" >/dev/null &
+    forwards+=("$!")
+  fi
+  verify_args+=("$1" "127.0.0.1:$port")
+  port=$((port + 1))
+}
+for c in "${NAMES[@]}"; do
+  forward --controller "kind-$c" isthmus-system deploy/isthmus-controller 15000
+  forward --gateway "kind-$c" isthmus-system deploy/isthmus-gateway 15000
+done
+forward --client "kind-$first" sample deploy/sleep 15001
+if [ "$DRY" = 0 ]; then
+  sleep 3
+fi
+status=0
+run "$ISTHMUS" verify "${verify_args[@]}" || status=$?
+for p in "${forwards[@]}"; do kill "$p" 2>/dev/null || true; done
+if [ "$status" != 0 ]; then
+  echo "up.sh: isthmus verify failed (above: what failed and what to check)" >&2
+  exit "$status"
+fi
 say "done: ${NAMES[*]} are one mesh (kind-configs/down.sh removes them)"

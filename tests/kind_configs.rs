@@ -116,6 +116,9 @@ fn up_dry_run_prints_every_step_and_touches_nothing() {
         "deploy/sample | sed",
         "get serviceentries -n sample",
         "curl -sS -x 127.0.0.1:15001",
+        "port-forward deploy/isthmus-controller 25000:15000",
+        "verify --controller 127.0.0.1:25000 --gateway 127.0.0.1:25001",
+        "--client 127.0.0.1:25006",
     ];
     let mut at = 0;
     for s in steps {
