@@ -29,9 +29,8 @@ fn bin() -> &'static Path {
 
 async fn three_clusters(dir: &Path) -> Harness {
     let base = NET.fetch_add(3, Ordering::Relaxed);
-    let kept = std::env::var_os("ISTHMUS_E2E_KEEP").map(|k| Path::new(&k).join(base.to_string()));
-    let dir = kept.as_deref().unwrap_or(dir);
-    let mut h = Harness::new_kube(bin(), dir, demo_clusters(base)).unwrap();
+    let dir = isthmus_e2e::scenario_dir(dir, base);
+    let mut h = Harness::new_kube(bin(), &dir, demo_clusters(base)).unwrap();
     h.start_all(Duration::from_secs(30)).await.unwrap();
     h
 }

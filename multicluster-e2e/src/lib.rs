@@ -1197,6 +1197,16 @@ impl Harness {
     }
 }
 
+/// Where a scenario keeps its clusters: `dir`, or with
+/// `ISTHMUS_E2E_KEEP=DIR` set, `DIR/<base>` (files and logs stay there
+/// for a closer look).
+pub fn scenario_dir(dir: &Path, base: u8) -> PathBuf {
+    match std::env::var_os("ISTHMUS_E2E_KEEP") {
+        Some(k) => Path::new(&k).join(base.to_string()),
+        None => dir.to_owned(),
+    }
+}
+
 /// helloworld by its cluster-local name, as the sample's client calls it.
 pub const HELLO_URL: &str = "http://helloworld.sample.svc.cluster.local:5000/hello";
 
