@@ -99,11 +99,11 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<PeerState>) {
                         // until the joining side has recorded our bundle;
                         // a 25 s back-off then delayed the whole link.)
                         i.flaps = (i.flaps + 1).min(5);
-                        if i.disconnected_since.is_none() && !i.connected {
+                        if i.disconnected_since.is_none() && !i.connected() {
                             i.disconnected_since = Some(tokio::time::Instant::now());
                         }
                         let now = std::time::SystemTime::now();
-                        if i.connected {
+                        if i.connected() {
                             i.last_dial_error = Some((now, reason.clone()));
                         } else {
                             i.last_disconnect = Some((now, reason.clone()));
@@ -134,7 +134,7 @@ async fn unconnected_for(shared: &Shared, peer: &PeerState, grace: Duration) -> 
     let step = (grace / 4).max(Duration::from_millis(50));
     let mut since: Option<tokio::time::Instant> = None;
     loop {
-        if peer.lock().connected {
+        if peer.lock().connected() {
             since = None;
         } else if since
             .get_or_insert_with(tokio::time::Instant::now)

@@ -249,7 +249,7 @@ pub async fn reconcile_loop(
                         cluster: p.name.clone(),
                         trust_domain: p.trust_domain.clone(),
                         policy: p.policy.clone(),
-                        connected: i.connected,
+                        connected: i.connected(),
                         stale: i.stale,
                         locality: i.locality.clone(),
                         gateway: i.gateway.clone(),

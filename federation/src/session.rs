@@ -134,8 +134,7 @@ where
         i.park(generation);
         // Disconnected once no session with any of the peer's processes
         // is left.
-        if !i.live.values().any(|l| !l.epoch.is_empty()) {
-            i.connected = false;
+        if !i.connected() {
             if established || i.disconnected_since.is_none() {
                 i.disconnected_since = Some(Instant::now());
             }
@@ -255,7 +254,6 @@ where
     }
     {
         let mut i = peer.lock();
-        i.connected = true;
         i.disconnected_since = None;
         i.locality = wire::locality(theirs.locality.clone());
         i.gateway = theirs.gateway_address.clone();

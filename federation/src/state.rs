@@ -105,8 +105,6 @@ pub(crate) struct Inner {
     pub held: Option<Imports>,
     pub locality: Locality,
     pub gateway: String,
-    /// Whether any session with the peer is live.
-    pub connected: bool,
     /// Sessions started (each session's generation).
     pub session: u64,
     /// Live sessions by generation. A peer cluster may run several
@@ -161,6 +159,12 @@ pub(crate) struct Link {
 pub(crate) type Imports = Arc<BTreeMap<ServiceKey, Arc<Export>>>;
 
 impl Inner {
+    /// Whether a session with any of the peer's processes is established
+    /// (its Hello checked).
+    pub(crate) fn connected(&self) -> bool {
+        self.live.values().any(|l| !l.epoch.is_empty())
+    }
+
     /// The peer's exports to us as in force: the primary session's (the
     /// oldest live one that has synced), else [`held`](Self::held).
     pub(crate) fn imports(&self) -> Option<&Imports> {
@@ -261,7 +265,7 @@ impl PeerState {
         PeerStatus {
             cluster: self.name.clone(),
             address: self.address.clone(),
-            connected: i.connected,
+            connected: i.connected(),
             stale: i.stale,
             last_full_sync: i.last_full_sync.map(rfc3339),
             last_event: i.last_event.map(rfc3339),

@@ -30,11 +30,7 @@ pub struct ServiceVip {
 impl ServiceVip {
     /// Listens on `vip` and spreads connections over `backends`.
     pub fn start(vip: SocketAddr, backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(format!("vip-{vip}"))
-            .enable_all()
-            .build()?;
+        let rt = own_runtime(&format!("vip-{vip}"))?;
         let listener = std::net::TcpListener::bind(vip)
             .with_context(|| format!("cannot bind the Service address {vip}"))?;
         listener.set_nonblocking(true)?;
@@ -63,6 +59,16 @@ impl ServiceVip {
         });
         Ok(Self { rt: Some(rt) })
     }
+}
+
+/// A runtime on a thread of its own, so that blocking calls from the
+/// tests (kubectl) never starve what it serves.
+fn own_runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
 }
 
 impl Drop for ServiceVip {
@@ -116,11 +122,7 @@ mod with_api {
         /// Starts an API server on `addr` (port 0: a free one) and writes a
         /// kubeconfig for it (context `context`) to `kubeconfig`.
         pub fn start(addr: SocketAddr, kubeconfig: &Path, context: &str) -> anyhow::Result<Self> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name(format!("kube-api-{context}"))
-                .enable_all()
-                .build()?;
+            let rt = super::own_runtime(&format!("kube-api-{context}"))?;
             let server = on(&rt, ApiServer::builder().addr(addr).start())?
                 .with_context(|| format!("cannot start {context}'s API stand-in on {addr}"))?;
             server.write_kubeconfig(kubeconfig, context)?;

@@ -93,18 +93,28 @@ pub fn run(
     }
 }
 
+/// An admin API's `/config_dump` (5 s at most), or what went wrong.
+async fn admin_dump(addr: std::net::SocketAddr) -> Result<serde_json::Value, String> {
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        isthmus_core::admin::http_get(addr, "/config_dump"),
+    )
+    .await
+    .map_err(|_| "no answer in 5 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    serde_json::from_str(&body).map_err(|e| format!("not JSON: {e}"))
+}
+
 /// A controller's `/config_dump` (its admin address), checked to be a
 /// controller's.
 fn controller_dump(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
-    use anyhow::Context;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let body = rt
-        .block_on(isthmus_core::admin::http_get(addr, "/config_dump"))
-        .with_context(|| format!("cannot reach the controller's admin API at {addr}; is it running, and is this its admin address?"))?;
-    let dump: serde_json::Value =
-        serde_json::from_str(&body).context("the admin API answered something that is not JSON")?;
+    let dump = rt.block_on(admin_dump(addr)).map_err(|e| match e.starts_with("not JSON") {
+        true => anyhow::anyhow!("the admin API at {addr} answered something that is {e}"),
+        false => anyhow::anyhow!("cannot reach the controller's admin API at {addr} ({e}); is it running, and is this its admin address?"),
+    })?;
     if dump["component"] != "controller" {
         anyhow::bail!(
             "{addr} is the admin API of a {}, not a controller",

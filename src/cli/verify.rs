@@ -99,17 +99,6 @@ pub fn run(mut args: VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dump(addr: SocketAddr) -> Result<serde_json::Value, String> {
-    let body = tokio::time::timeout(
-        Duration::from_secs(5),
-        isthmus_core::admin::http_get(addr, "/config_dump"),
-    )
-    .await
-    .map_err(|_| "no answer in 5 s".to_owned())?
-    .map_err(|e| e.to_string())?;
-    serde_json::from_str(&body).map_err(|e| format!("not JSON: {e}"))
-}
-
 async fn checks(args: &VerifyArgs) -> Vec<Check> {
     let mut out = Vec::new();
     // Federation: every controller connected to every peer it has, and
@@ -117,7 +106,7 @@ async fn checks(args: &VerifyArgs) -> Vec<Check> {
     let mut names = Vec::new();
     let mut dumps = Vec::new();
     for &addr in &args.controllers {
-        match dump(addr).await {
+        match super::admin_dump(addr).await {
             Ok(d) if d["component"] == "controller" => {
                 names.push(d["cluster"].as_str().unwrap_or("?").to_owned());
                 dumps.push((addr, d));
@@ -163,7 +152,7 @@ async fn checks(args: &VerifyArgs) -> Vec<Check> {
     // Gateways: a QUIC path (handshake done, RTT measured) to every peer
     // gateway, and the peer up.
     for &addr in &args.gateways {
-        match dump(addr).await {
+        match super::admin_dump(addr).await {
             Ok(d) if d["component"] == "gateway" => {
                 let me = d["cluster"].as_str().unwrap_or("?").to_owned();
                 let peers = d["peers"].as_array().cloned().unwrap_or_default();
